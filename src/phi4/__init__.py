@@ -1,0 +1,21 @@
+"""phi4: an OpenAI-compatible inference server for Microsoft's Phi-4 family."""
+
+from phi4.errors import (
+    CheckpointError,
+    ContextLengthExceededError,
+    InvalidRequestError,
+    ModelNotFoundError,
+    Phi4Error,
+)
+from phi4.llm import LLM
+from phi4.sampling_params import SamplingParams
+
+__all__ = [
+    "LLM",
+    "SamplingParams",
+    "Phi4Error",
+    "CheckpointError",
+    "ContextLengthExceededError",
+    "InvalidRequestError",
+    "ModelNotFoundError",
+]

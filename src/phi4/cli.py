@@ -1,0 +1,68 @@
+"""Command line: argument parsing only; the work happens in the modules it calls."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _demo_model(args: argparse.Namespace) -> int:
+    from phi4.demo import write_demo_checkpoint
+
+    path = write_demo_checkpoint(Path(args.directory), num_shards=args.shards)
+    print(f"wrote the demo checkpoint to {path}")
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from phi4 import LLM, SamplingParams
+
+    llm = LLM(args.model, device=args.device, dtype=args.dtype)
+    params = SamplingParams(temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens, seed=args.seed)
+    if args.chat:
+        results = llm.chat([{"role": "user", "content": args.prompt}], params)
+    else:
+        results = llm.generate(args.prompt, params)
+    result = results[0]
+    print(json.dumps({"text": result.text, "token_ids": result.token_ids, "finish_reason": result.finish_reason}))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="phi4", description="Inference for Microsoft's Phi-4 family")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    demo = commands.add_parser("demo-model", help="write the offline demo checkpoint to a directory")
+    demo.add_argument("directory")
+    demo.add_argument("--shards", type=int, default=1, help="split the weights into this many safetensors files")
+    demo.set_defaults(handler=_demo_model)
+
+    generate = commands.add_parser("generate", help="complete one prompt offline and print JSON")
+    generate.add_argument("prompt")
+    generate.add_argument("--model", default="demo", help="demo, a local checkpoint directory, or a Hub id")
+    generate.add_argument("--chat", action="store_true", help="wrap the prompt as a user message in the chat template")
+    generate.add_argument("--max-tokens", type=int, default=64)
+    generate.add_argument("--temperature", type=float, default=0.0)
+    generate.add_argument("--top-p", type=float, default=1.0)
+    generate.add_argument("--seed", type=int, default=None)
+    generate.add_argument("--device", default="auto")
+    generate.add_argument("--dtype", default="auto")
+    generate.set_defaults(handler=_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from phi4.errors import Phi4Error
+
+    try:
+        return args.handler(args)
+    except Phi4Error as exc:
+        print(f"phi4: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,181 @@
+"""The engine: requests in, one scheduled batch per step, outputs (deltas) back out."""
+
+from __future__ import annotations
+
+import secrets
+from pathlib import Path
+
+import torch
+
+from phi4.config import EngineConfig, ModelConfig
+from phi4.engine.kv_cache import BlockManager
+from phi4.engine.request import RequestOutput, Sequence, SequenceStatus
+from phi4.engine.runner import ModelRunner, kv_bytes_per_block
+from phi4.engine.scheduler import Scheduler
+from phi4.errors import ContextLengthExceededError, InvalidRequestError
+from phi4.model.loader import load_model
+from phi4.sampling_params import SamplingParams
+from phi4.tokenizer import IncrementalDetokenizer, Tokenizer
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        # bf16 on GPUs (as Phi-4 is stored); float32 on CPU, where it is both faster and exact.
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    try:
+        resolved = getattr(torch, dtype)
+    except AttributeError:
+        resolved = None
+    if not isinstance(resolved, torch.dtype) or not resolved.is_floating_point:
+        raise InvalidRequestError(f"unknown dtype {dtype!r}; use auto, float32, bfloat16 or float16", "dtype")
+    return resolved
+
+
+class LLMEngine:
+    def __init__(
+        self,
+        checkpoint: Path,
+        engine_config: EngineConfig = EngineConfig(),
+        device: str = "auto",
+        dtype: str = "auto",
+    ) -> None:
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
+        self.tokenizer = Tokenizer(checkpoint)
+        self.model = load_model(checkpoint, self.device, self.dtype)
+        self.model_config: ModelConfig = self.model.config
+        config = self.model_config
+        self.max_model_len = min(engine_config.max_model_len or config.max_position_embeddings,
+                                 config.max_position_embeddings)
+        self.eos_token_ids = frozenset(config.eos_token_ids or self.tokenizer.eos_token_ids)
+        block_size = engine_config.block_size
+        num_blocks = engine_config.num_kv_blocks or self._auto_num_blocks(engine_config)
+        if num_blocks * block_size < self.max_model_len:
+            raise InvalidRequestError(
+                f"the KV cache holds {num_blocks * block_size} tokens, less than max_model_len "
+                f"{self.max_model_len}: give it more memory or lower max_model_len", "max_model_len"
+            )
+        self.block_manager = BlockManager(num_blocks, block_size, engine_config.enable_prefix_caching)
+        self.scheduler = Scheduler(
+            self.block_manager, engine_config.max_num_seqs, engine_config.max_num_batched_tokens, self._cache_salt
+        )
+        self.runner = ModelRunner(self.model, num_blocks, block_size)
+        self._sequences: dict[str, Sequence] = {}
+        self._next_request_id = 0
+
+    def _auto_num_blocks(self, engine_config: EngineConfig) -> int:
+        per_block = kv_bytes_per_block(self.model_config, engine_config.block_size, self.dtype)
+        if self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+            budget = free - (1 - engine_config.gpu_memory_utilization) * total
+        else:
+            budget = engine_config.kv_cache_memory_bytes
+        return max(1, int(budget // per_block))
+
+    def _cache_salt(self, seq: Sequence) -> object:
+        # Under LongRoPE the prompt's K/V depend on whether the prompt is longer than the original context.
+        longrope = self.model_config.longrope
+        if longrope is None:
+            return None
+        return seq.num_prompt_tokens > longrope.original_max_position_embeddings
+
+    # requests
+
+    def add_request(
+        self, prompt: str | list[int], params: SamplingParams | None = None, request_id: str | None = None
+    ) -> str:
+        params = params or SamplingParams()
+        prompt_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        if not prompt_ids:
+            raise InvalidRequestError("the prompt is empty", "prompt")
+        if any(not 0 <= t < self.model_config.vocab_size for t in prompt_ids):
+            raise InvalidRequestError(f"prompt token ids must be in [0, {self.model_config.vocab_size})", "prompt")
+        if len(prompt_ids) >= self.max_model_len:
+            raise ContextLengthExceededError(len(prompt_ids), self.max_model_len)
+        if request_id is None:
+            request_id = f"req-{self._next_request_id}"
+            self._next_request_id += 1
+        if request_id in self._sequences:
+            raise InvalidRequestError(f"request id {request_id!r} is already in use", "request_id")
+        seq = Sequence(
+            request_id=request_id,
+            prompt_token_ids=prompt_ids,
+            params=params,
+            seed=params.seed if params.seed is not None else secrets.randbits(63),
+            detokenizer=IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens),
+        )
+        self._sequences[request_id] = seq
+        self.scheduler.add(seq)
+        return request_id
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        seq = self._sequences.pop(request_id, None)
+        if seq is None:
+            return None
+        self.scheduler.remove(seq)
+        self._finish(seq, "abort")
+        return self._output(seq, [], "")
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    @property
+    def num_preemptions(self) -> int:
+        return self.scheduler.num_preemptions
+
+    # the loop
+
+    def step(self) -> list[RequestOutput]:
+        scheduled = self.scheduler.schedule()
+        if not scheduled:
+            return []
+        sampling = [item.seq for item in scheduled if item.samples]
+        new_tokens = self.runner.execute(scheduled)
+        self.scheduler.finish_step(scheduled)
+        outputs = []
+        for seq, token in zip(sampling, new_tokens, strict=True):
+            seq.token_ids.append(token)
+            reason = self._stop_reason(seq, token)
+            # The EOS or stop token that ends a request is counted but never shown as text.
+            text = seq.detokenizer.push([token]) if reason != "stop" else ""
+            if reason is not None:
+                text += seq.detokenizer.flush()
+                self.scheduler.remove(seq)
+                self._sequences.pop(seq.request_id, None)
+                self._finish(seq, reason)
+            seq.text += text
+            outputs.append(self._output(seq, [token], text))
+        return outputs
+
+    def _stop_reason(self, seq: Sequence, token: int) -> str | None:
+        params = seq.params
+        if token in params.stop_token_ids or (not params.ignore_eos and token in self.eos_token_ids):
+            return "stop"
+        if params.max_tokens is not None and seq.num_output_tokens >= params.max_tokens:
+            return "length"
+        if seq.num_tokens >= self.max_model_len:
+            return "length"
+        return None
+
+    @staticmethod
+    def _finish(seq: Sequence, reason: str) -> None:
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason
+
+    @staticmethod
+    def _output(seq: Sequence, new_tokens: list[int], new_text: str) -> RequestOutput:
+        return RequestOutput(
+            request_id=seq.request_id,
+            new_token_ids=new_tokens,
+            new_text=new_text,
+            finished=seq.finished,
+            finish_reason=seq.finish_reason,
+            prompt_token_ids=seq.prompt_token_ids,
+            num_output_tokens=seq.num_output_tokens,
+        )

@@ -1,0 +1,35 @@
+"""Typed errors. The server maps each to an OpenAI error body in exactly one place."""
+
+from __future__ import annotations
+
+
+class Phi4Error(Exception):
+    """Base of every error phi4 raises on purpose."""
+
+
+class CheckpointError(Phi4Error):
+    """A checkpoint directory is missing a file, has a malformed one, or describes another model."""
+
+
+class ModelNotFoundError(Phi4Error):
+    """A model name resolves to neither the demo, a local directory, nor a reachable Hub repository."""
+
+
+class InvalidRequestError(Phi4Error, ValueError):
+    """A request's parameters are out of range or inconsistent; `param` names the culprit."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+class ContextLengthExceededError(InvalidRequestError):
+    """The prompt (plus what it asks to generate) does not fit in the model's context."""
+
+    def __init__(self, num_tokens: int, max_model_len: int, what: str = "prompt") -> None:
+        super().__init__(
+            f"This model's maximum context length is {max_model_len} tokens, but the {what} has {num_tokens} tokens.",
+            param="messages",
+        )
+        self.num_tokens = num_tokens
+        self.max_model_len = max_model_len

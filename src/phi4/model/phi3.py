@@ -1,0 +1,121 @@
+"""Phi3ForCausalLM over a flat batch of tokens from many sequences.
+
+Parameter names mirror the Hugging Face checkpoint (`model.layers.N.self_attn.qkv_proj.weight`, ...), so the
+loader copies tensors by name. Fused projections stay fused as stored: one matmul for q, k and v, one for
+gate and up.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from phi4.config import ModelConfig
+from phi4.model.attention import AttentionMetadata, TorchPagedAttention
+from phi4.model.layers import RotaryEmbedding, rms_norm, silu_and_mul
+
+
+def _weight(*shape: int) -> nn.Parameter:
+    return nn.Parameter(torch.empty(*shape), requires_grad=False)
+
+
+class Norm(nn.Module):
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.weight = _weight(size)
+
+
+class Linear(nn.Module):
+    def __init__(self, in_features: int, out_features: int) -> None:
+        super().__init__()
+        self.weight = _weight(out_features, in_features)
+
+
+class Embedding(nn.Module):
+    def __init__(self, rows: int, dim: int) -> None:
+        super().__init__()
+        self.weight = _weight(rows, dim)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.qkv_proj = Linear(config.hidden_size, config.q_size + 2 * config.kv_size)
+        self.o_proj = Linear(config.q_size, config.hidden_size)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.gate_up_proj = Linear(config.hidden_size, 2 * config.intermediate_size)
+        self.down_proj = Linear(config.intermediate_size, config.hidden_size)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.input_layernorm = Norm(config.hidden_size)
+        self.self_attn = SelfAttention(config)
+        self.post_attention_layernorm = Norm(config.hidden_size)
+        self.mlp = MLP(config)
+
+
+class Phi3Model(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.norm = Norm(config.hidden_size)
+
+
+class Phi3ForCausalLM(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.model = Phi3Model(config)
+        if not config.tie_word_embeddings:
+            self.lm_head = Linear(config.hidden_size, config.vocab_size)
+        self.attention = TorchPagedAttention(config.num_attention_heads, config.num_key_value_heads, config.head_dim)
+        self.rotary: RotaryEmbedding | None = None
+
+    def prepare(self) -> None:
+        """Build what depends on the final device and dtype; call once the weights are loaded."""
+        weight = self.model.embed_tokens.weight
+        self.rotary = RotaryEmbedding(self.config, weight.device, weight.dtype)
+
+    @property
+    def lm_head_weight(self) -> torch.Tensor:
+        return self.model.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # [T]
+        rope_rows: torch.Tensor,  # [T] row of the rotary table: the position, offset for LongRoPE's long half
+        kv_caches: torch.Tensor,  # [layers, 2, num_slots, kv_heads, head_dim]
+        metadata: AttentionMetadata,
+    ) -> torch.Tensor:
+        """Final hidden states [T, hidden] (normalised); `compute_logits` turns selected rows into logits."""
+        config, rotary = self.config, self.rotary
+        assert rotary is not None, "call prepare() after loading weights"
+        eps = config.rms_norm_eps
+        num_tokens = input_ids.shape[0]
+        hidden = F.embedding(input_ids, self.model.embed_tokens.weight)
+        for index, layer in enumerate(self.model.layers):
+            attn_in = rms_norm(hidden, layer.input_layernorm.weight, eps)
+            qkv = F.linear(attn_in, layer.self_attn.qkv_proj.weight)
+            q, k, v = qkv.split([config.q_size, config.kv_size, config.kv_size], dim=-1)
+            q = rotary.apply(q.view(num_tokens, config.num_attention_heads, config.head_dim), rope_rows)
+            k = rotary.apply(k.view(num_tokens, config.num_key_value_heads, config.head_dim), rope_rows)
+            v = v.view(num_tokens, config.num_key_value_heads, config.head_dim)
+            attn = self.attention.forward(q, k, v, kv_caches[index, 0], kv_caches[index, 1], metadata)
+            hidden = hidden + F.linear(attn.view(num_tokens, config.q_size), layer.self_attn.o_proj.weight)
+            mlp_in = rms_norm(hidden, layer.post_attention_layernorm.weight, eps)
+            mlp_hidden = silu_and_mul(F.linear(mlp_in, layer.mlp.gate_up_proj.weight))
+            hidden = hidden + F.linear(mlp_hidden, layer.mlp.down_proj.weight)
+        return rms_norm(hidden, self.model.norm.weight, eps)
+
+    @torch.inference_mode()
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return F.linear(hidden, self.lm_head_weight).float()

@@ -1,0 +1,96 @@
+"""Shared fixtures: the demo checkpoint, a scaled-down Phi-4-mini checkpoint, and the HF reference model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from phi4.demo import random_phi3_weights, reference_config, write_checkpoint
+
+# A prompt set with different lengths and scripts, used by the equivalence tests.
+PROMPTS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "def fibonacci(n):\n    return n if n < 2 else fibonacci(n - 1) + fibonacci(n - 2)\n",
+    "Explain quantum entanglement in one sentence. " * 6,
+    "日本語のテキストと emoji 🤖 mixed with numbers 1234567890.",
+]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def phi4_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Every test builds `--model demo` into one private cache, never the user's."""
+    cache = tmp_path_factory.mktemp("phi4-cache")
+    patch = pytest.MonkeyPatch()
+    patch.setenv("PHI4_CACHE", str(cache))
+    yield cache
+    patch.undo()
+
+
+@pytest.fixture(scope="session")
+def demo_dir(phi4_cache: Path) -> Path:
+    from phi4.demo import demo_checkpoint_path
+
+    return demo_checkpoint_path()
+
+
+def mini_config() -> dict:
+    """Phi-4-mini's architecture scaled down: partial rotary 0.75, LongRoPE, tied embeddings.
+
+    The original context is cut to 64 tokens (maximum 2,048, the same ratio of 32) so that tests cross it
+    cheaply. LongRoPE's factors are subsampled to the smaller rotary dimension.
+    """
+    config = reference_config("phi-4-mini-instruct")
+    config.update(
+        hidden_size=192,
+        intermediate_size=512,
+        num_hidden_layers=3,
+        num_attention_heads=6,  # head_dim 32, rotary_dim 24: 12 factors
+        num_key_value_heads=2,
+        vocab_size=100352,  # Phi-4's tokenizer stands in for mini's o200k one
+        bos_token_id=100257,
+        eos_token_id=100265,
+        pad_token_id=100349,
+        original_max_position_embeddings=64,
+        max_position_embeddings=2048,
+        sliding_window=2048,
+    )
+    config.pop("auto_map", None)
+    rope = config["rope_scaling"]
+    rope["short_factor"] = rope["short_factor"][::4]
+    rope["long_factor"] = rope["long_factor"][::4]
+    return config
+
+
+@pytest.fixture(scope="session")
+def mini_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    directory = tmp_path_factory.mktemp("phi4-mini-scaled")
+    config = mini_config()
+    write_checkpoint(directory, config, random_phi3_weights(config, seed=1), num_shards=2)
+    return directory
+
+
+def load_reference(directory: Path) -> torch.nn.Module:
+    from transformers import Phi3ForCausalLM
+
+    return Phi3ForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+
+
+def reference_greedy(model: torch.nn.Module, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
+    """transformers' generate, greedy, not stopping at EOS (as `ignore_eos=True`)."""
+    with torch.no_grad():
+        out = model.generate(
+            torch.tensor([prompt_ids]),
+            attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+        )
+    return out[0, len(prompt_ids) :].tolist()
+
+
+def write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data))

@@ -16,18 +16,28 @@ import torch.nn.functional as F
 
 @dataclass
 class SequenceSlice:
-    """One sequence of the flat batch: its queries are rows [start, end) and it sees `kv_slots` keys."""
+    """A sequence with several queries (a prefill chunk): rows [start, end) of the flat batch."""
 
     start: int
     end: int
     kv_slots: torch.Tensor  # slots of every cached position 0..context_len-1, this step's tokens included
-    causal_mask: torch.Tensor | None  # [queries, context] boolean, None when one query sees everything
+    causal_mask: torch.Tensor  # [queries, context] boolean
+
+
+@dataclass
+class DecodeGroup:
+    """All sequences with a single query this step, attended in one padded call."""
+
+    rows: torch.Tensor  # [B] their rows in the flat batch
+    kv_slots: torch.Tensor  # [B, longest context], padded with slot 0
+    key_mask: torch.Tensor | None  # [B, 1, 1, longest context], False on padding; None without padding
 
 
 @dataclass
 class AttentionMetadata:
     slot_mapping: torch.Tensor  # [T] where each new token's K and V are written
-    sequences: list[SequenceSlice]
+    prefills: list[SequenceSlice]
+    decodes: DecodeGroup | None
 
     @classmethod
     def build(
@@ -40,19 +50,36 @@ class AttentionMetadata:
         device: torch.device,
     ) -> AttentionMetadata:
         offsets = torch.arange(block_size, device=device)
-        sequences = []
+
+        def slots_of(blocks: list[int], context_len: int) -> torch.Tensor:
+            block_ids = torch.tensor(blocks[: (context_len + block_size - 1) // block_size], device=device)
+            return (block_ids[:, None] * block_size + offsets).flatten()[:context_len]
+
+        prefills = []
+        decode_rows: list[int] = []
+        decode_slots: list[torch.Tensor] = []
         start = 0
         for query_len, blocks, context_len in zip(query_lens, block_tables, context_lens):
-            block_ids = torch.tensor(blocks[: (context_len + block_size - 1) // block_size], device=device)
-            kv_slots = (block_ids[:, None] * block_size + offsets).flatten()[:context_len]
-            mask = None
-            if query_len > 1:
+            slots = slots_of(blocks, context_len)
+            if query_len == 1:
+                decode_rows.append(start)
+                decode_slots.append(slots)
+            else:
                 # Query i sits at position context_len - query_len + i and sees keys up to there.
                 query_pos = torch.arange(context_len - query_len, context_len, device=device)
                 mask = torch.arange(context_len, device=device)[None, :] <= query_pos[:, None]
-            sequences.append(SequenceSlice(start, start + query_len, kv_slots, mask))
+                prefills.append(SequenceSlice(start, start + query_len, slots, mask))
             start += query_len
-        return cls(slot_mapping, sequences)
+        decodes = None
+        if decode_rows:
+            lengths = torch.tensor([len(s) for s in decode_slots], device=device)
+            longest = int(lengths.max())
+            padded = torch.nn.utils.rnn.pad_sequence(decode_slots, batch_first=True)
+            key_mask = None
+            if bool((lengths < longest).any()):
+                key_mask = (torch.arange(longest, device=device)[None, :] < lengths[:, None])[:, None, None, :]
+            decodes = DecodeGroup(torch.tensor(decode_rows, device=device), padded, key_mask)
+        return cls(slot_mapping, prefills, decodes)
 
 
 class TorchPagedAttention:
@@ -73,13 +100,22 @@ class TorchPagedAttention:
         k_cache[metadata.slot_mapping] = k
         v_cache[metadata.slot_mapping] = v
         out = torch.empty_like(q)
-        for seq in metadata.sequences:
+        gqa = self.num_heads != self.num_kv_heads
+        for seq in metadata.prefills:
             query = q[seq.start : seq.end].transpose(0, 1)  # [heads, queries, head_dim]
             keys = k_cache[seq.kv_slots].transpose(0, 1)  # [kv_heads, context, head_dim]
             values = v_cache[seq.kv_slots].transpose(0, 1)
             attended = F.scaled_dot_product_attention(
-                query, keys, values, attn_mask=seq.causal_mask, scale=self.scale,
-                enable_gqa=self.num_heads != self.num_kv_heads,
+                query, keys, values, attn_mask=seq.causal_mask, scale=self.scale, enable_gqa=gqa
             )
             out[seq.start : seq.end] = attended.transpose(0, 1)
+        group = metadata.decodes
+        if group is not None:
+            query = q[group.rows].unsqueeze(2)  # [B, heads, 1, head_dim]
+            keys = k_cache[group.kv_slots].transpose(1, 2)  # [B, kv_heads, context, head_dim]
+            values = v_cache[group.kv_slots].transpose(1, 2)
+            attended = F.scaled_dot_product_attention(
+                query, keys, values, attn_mask=group.key_mask, scale=self.scale, enable_gqa=gqa
+            )
+            out[group.rows] = attended.squeeze(2)
         return out

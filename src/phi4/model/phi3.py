@@ -78,15 +78,27 @@ class Phi3ForCausalLM(nn.Module):
             self.lm_head = Linear(config.hidden_size, config.vocab_size)
         self.attention = TorchPagedAttention(config.num_attention_heads, config.num_key_value_heads, config.head_dim)
         self.rotary: RotaryEmbedding | None = None
+        self.lm_head_weight: torch.Tensor | None = None
+        self._lm_head_out_major: torch.Tensor | None = None
 
     def prepare(self) -> None:
         """Build what depends on the final device and dtype; call once the weights are loaded."""
-        weight = self.model.embed_tokens.weight
-        self.rotary = RotaryEmbedding(self.config, weight.device, weight.dtype)
-
-    @property
-    def lm_head_weight(self) -> torch.Tensor:
-        return self.model.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight
+        embedding = self.model.embed_tokens.weight
+        self.rotary = RotaryEmbedding(self.config, embedding.device, embedding.dtype)
+        head = embedding if self.config.tie_word_embeddings else self.lm_head.weight
+        self.lm_head_weight = head.detach()  # a plain tensor: not a second registered parameter
+        if embedding.device.type == "cpu":
+            # On CPU, decode is bound by MKL's fp32 kernels, whose speed depends on the weight layout. A
+            # matrix-vector product reads weights stored [in, out] about 3x faster than the checkpoint's
+            # [out, in], so every weight becomes a transposed view of a transposed copy (same values and
+            # shapes; F.linear takes the fast path). For the LM head with 2-16 rows, W @ x^T over the
+            # original layout is faster still, so the head keeps both layouts (measured: 100k x 256 head,
+            # 4.8 ms at 1 row instead of 12.5; 4-7 ms at 2-8 rows instead of 15-26).
+            self._lm_head_out_major = head.detach().contiguous()
+            for module in self.modules():
+                if isinstance(module, Linear):
+                    module.weight = nn.Parameter(module.weight.t().contiguous().t(), requires_grad=False)
+            self.lm_head_weight = head.detach().t().contiguous().t()
 
     @torch.inference_mode()
     def forward(
@@ -118,4 +130,6 @@ class Phi3ForCausalLM(nn.Module):
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self._lm_head_out_major is not None and hidden.shape[0] > 1:
+            return torch.mm(self._lm_head_out_major, hidden.t()).t().float()
         return F.linear(hidden, self.lm_head_weight).float()

@@ -1,0 +1,140 @@
+"""phi4's engine against transformers `generate` on the demo checkpoint (CPU, float32), in one run.
+
+(a) one sequence, 128-token prompt, 128 new tokens: decode tokens/s of each;
+(b) 16 requests, prompt lengths over 16-512 and output lengths over 16-256 (fixed seed): useful output
+    tokens/s of phi4 taking all 16 at once against transformers generating them as one left-padded batch
+    (which runs every row to the longest output; only each request's own tokens count as useful).
+
+Prints one JSON line per figure with phi4's value, the baseline's, and the ratio, plus phi4's overhead per
+step (time outside the model's forward). Usage: python benchmarks/engine_vs_hf.py [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import time
+
+import torch
+
+from phi4 import LLM, SamplingParams
+from phi4.demo import demo_checkpoint_path
+
+
+def random_prompt(rng: random.Random, length: int) -> list[int]:
+    return [rng.randrange(100, 100_000) for _ in range(length)]
+
+
+def hf_generate_seconds(model: torch.nn.Module, prompts: list[list[int]], new_tokens: int) -> tuple[float, float]:
+    """(total seconds, prefill seconds) of a left-padded greedy batch that generates exactly `new_tokens`."""
+    width = max(len(p) for p in prompts)
+    input_ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    kwargs = dict(attention_mask=mask, do_sample=False, eos_token_id=None, pad_token_id=0)
+    with torch.no_grad():
+        start = time.perf_counter()
+        model.generate(input_ids, max_new_tokens=1, min_new_tokens=1, **kwargs)
+        prefill = time.perf_counter() - start
+        start = time.perf_counter()
+        model.generate(input_ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kwargs)
+        total = time.perf_counter() - start
+    return total, prefill
+
+
+class ModelTimer:
+    """Times the model's forward and LM head, so that the rest of a step is the engine's own overhead."""
+
+    def __init__(self, llm: LLM) -> None:
+        self.model_seconds = 0.0
+        self.steps = 0
+        model = llm.engine.model
+        for name in ("forward", "compute_logits"):
+            setattr(model, name, self._timed(getattr(model, name), counts_step=name == "forward"))
+
+    def _timed(self, fn, counts_step: bool):  # type: ignore[no-untyped-def]
+        def timed(*args, **kwargs):  # type: ignore[no-untyped-def]
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.model_seconds += time.perf_counter() - start
+                self.steps += counts_step
+
+        return timed
+
+    def reset(self) -> None:
+        self.model_seconds, self.steps = 0.0, 0
+
+    def overhead_ms_per_step(self, total_seconds: float) -> float:
+        return 1000 * (total_seconds - self.model_seconds) / max(self.steps, 1)
+
+
+def phi4_run(llm: LLM, prompts: list[list[int]], out_lens: list[int]) -> tuple[float, float]:
+    """(seconds to finish all, seconds to the first token of the last request)."""
+    params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in out_lens]
+    start = time.perf_counter()
+    first_token: dict[str, float] = {}
+    for output in llm.stream(prompts, params):
+        first_token.setdefault(output.request_id, time.perf_counter() - start)
+    elapsed = time.perf_counter() - start
+    return elapsed, max(first_token.values())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each measurement; medians are printed")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    from transformers import Phi3ForCausalLM
+
+    directory = demo_checkpoint_path()
+    hf = Phi3ForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+    # Prefix caching off: repeated runs of the same prompts must not be served from the cache.
+    llm = LLM(str(directory), device="cpu", dtype="float32", enable_prefix_caching=False)
+    timer = ModelTimer(llm)
+    rng = random.Random(0)
+    env = {"torch": torch.__version__, "threads": torch.get_num_threads(), "device": "cpu", "dtype": "float32"}
+
+    # (a) one sequence: decode tokens/s = new tokens after the first / time after the first token.
+    prompt = random_prompt(rng, 128)
+    new = 128
+    phi4_decode, hf_decode = [], []
+    llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))  # warm-up
+    hf_generate_seconds(hf, [prompt], 4)
+    for _ in range(args.repeats):
+        timer.reset()
+        total, ttft = phi4_run(llm, [prompt], [new])
+        phi4_decode.append((new - 1) / (total - ttft))
+        overhead_ms = timer.overhead_ms_per_step(total)
+        hf_total, hf_prefill = hf_generate_seconds(hf, [prompt], new)
+        hf_decode.append((new - 1) / (hf_total - hf_prefill))
+    a_phi4, a_hf = statistics.median(phi4_decode), statistics.median(hf_decode)
+    print(json.dumps({"figure": "single_sequence_decode_tok_s", "prompt": 128, "new_tokens": new,
+                      "phi4": round(a_phi4, 1), "transformers": round(a_hf, 1), "ratio": round(a_phi4 / a_hf, 2),
+                      "phi4_overhead_ms_per_step": round(overhead_ms, 3), "target_ratio": 1.8, **env}))
+
+    # (b) 16 mixed requests: useful output tokens/s.
+    prompt_lens = [rng.randint(16, 512) for _ in range(16)]
+    out_lens = [rng.randint(16, 256) for _ in range(16)]
+    prompts = [random_prompt(rng, n) for n in prompt_lens]
+    useful = sum(out_lens)
+    phi4_rates, hf_rates, overheads = [], [], []
+    for _ in range(args.repeats):
+        timer.reset()
+        total, _ = phi4_run(llm, prompts, out_lens)
+        phi4_rates.append(useful / total)
+        overheads.append(timer.overhead_ms_per_step(total))
+        hf_total, _ = hf_generate_seconds(hf, prompts, max(out_lens))
+        hf_rates.append(useful / hf_total)
+    b_phi4, b_hf = statistics.median(phi4_rates), statistics.median(hf_rates)
+    print(json.dumps({"figure": "batch16_useful_output_tok_s", "requests": 16, "prompt_lens": [16, 512],
+                      "output_lens": [16, 256], "useful_tokens": useful,
+                      "phi4": round(b_phi4, 1), "transformers": round(b_hf, 1), "ratio": round(b_phi4 / b_hf, 2),
+                      "phi4_overhead_ms_per_step": round(statistics.median(overheads), 3), "target_ratio": 2.0,
+                      **env}))
+
+
+if __name__ == "__main__":
+    main()

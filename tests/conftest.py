@@ -94,3 +94,12 @@ def reference_greedy(model: torch.nn.Module, prompt_ids: list[int], max_new_toke
 
 def write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data))
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -1,0 +1,29 @@
+"""On a CUDA device: the engine runs in bf16 and keeps the reference's greedy tokens (skipped without one)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import PROMPTS
+from phi4 import LLM, SamplingParams
+
+pytestmark = pytest.mark.gpu
+
+
+def test_bf16_on_cuda_matches_the_reference_greedy_tokens(demo_dir: Path) -> None:
+    from transformers import Phi3ForCausalLM
+
+    reference = Phi3ForCausalLM.from_pretrained(demo_dir, dtype=torch.bfloat16).cuda().eval()
+    llm = LLM(str(demo_dir), device="cuda")
+    assert llm.engine.dtype == torch.bfloat16
+    params = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
+    prompts = [llm.tokenizer.encode(p) for p in PROMPTS]
+    results = llm.generate(prompts, params)
+    for ids, result in zip(prompts, results):
+        with torch.no_grad():
+            out = reference.generate(torch.tensor([ids], device="cuda"), max_new_tokens=32, do_sample=False,
+                                     eos_token_id=None, pad_token_id=0)
+        assert result.token_ids == out[0, len(ids):].tolist()

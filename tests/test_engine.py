@@ -2,14 +2,8 @@
 
 from __future__ import annotations
 
-import itertools
-from collections import Counter
-
 import pytest
-import torch
-
 from phi4 import LLM, ContextLengthExceededError, InvalidRequestError, SamplingParams
-from phi4.engine.sampling import SamplingRow, sample
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
 
@@ -153,23 +147,29 @@ def test_bad_prompts_are_refused(llm: LLM) -> None:
     assert not llm.engine.has_unfinished_requests()
 
 
-def test_sampling_follows_the_softmax_and_respects_top_k_and_top_p() -> None:
-    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
-    draws = Counter(sample(logits, [SamplingRow(1.0, 1.0, 0, seed, 0)])[0] for seed in range(4000))
-    for token, p in enumerate([0.5, 0.3, 0.15, 0.05]):
-        assert abs(draws[token] / 4000 - p) < 0.03
-    top_k = Counter(sample(logits, [SamplingRow(1.0, 1.0, 2, seed, 0)])[0] for seed in range(500))
-    assert set(top_k) == {0, 1}
-    top_p = Counter(sample(logits, [SamplingRow(1.0, 0.75, 0, seed, 0)])[0] for seed in range(500))
-    assert set(top_p) == {0, 1}  # 0.5 + 0.3 reaches 0.75; the rest is cut
-    greedy = sample(torch.tensor([[1.0, 3.0, 3.0, 0.0]]), [SamplingRow(0.0, 1.0, 0, 1, 0)])
-    assert greedy == [1]  # ties go to the lowest id
+def test_stop_strings_end_the_text_before_them_also_when_streamed(llm: LLM) -> None:
+    free_run = llm.generate("Stop strings", GREEDY)[0]
+    # A stop string that spans two tokens: the end of token 3 and the start of token 4.
+    pieces = [llm.tokenizer.decode([t], skip_special_tokens=True) for t in free_run.token_ids]
+    start = len("".join(pieces[:3]))
+    stop = free_run.text[start - 2 : start + 2]
+    assert len(stop) == 4 and free_run.text.find(stop) == start - 2
+    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, stop=(stop, "never appears"))
+    result = llm.generate("Stop strings", params)[0]
+    assert result.finish_reason == "stop"
+    assert result.text == free_run.text[: start - 2]
+    assert result.token_ids == free_run.token_ids[:4]
+    streamed = [o.new_text for o in llm.stream("Stop strings", params)]
+    assert "".join(streamed) == result.text and not any(stop in piece for piece in streamed)
 
 
-def test_seeded_noise_depends_on_seed_and_position_only() -> None:
-    logits = torch.zeros(3, 1000)
-    rows = [SamplingRow(1.0, 1.0, 0, seed, position) for seed, position in itertools.product([1, 2], [0])]
-    rows.append(SamplingRow(1.0, 1.0, 0, 1, 5))
-    together = sample(logits, rows)
-    assert together == [sample(logits[:1], [row])[0] for row in rows]
-    assert len(set(together)) == 3
+def test_logprobs_belong_to_the_returned_tokens(llm: LLM) -> None:
+    params = SamplingParams(temperature=1.0, max_tokens=8, seed=3, ignore_eos=True, logprobs=5)
+    result = llm.generate("Logprobs", params)[0]
+    assert result.logprobs is not None and len(result.logprobs) == 8
+    for token, entry in zip(result.token_ids, result.logprobs):
+        assert entry.token_id == token and entry.logprob <= 0.0
+        assert len(entry.top) == 5 and entry.top[0][1] >= entry.logprob
+        assert [v for _, v in entry.top] == sorted((v for _, v in entry.top), reverse=True)
+    greedy = llm.generate("Logprobs", SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True, logprobs=1))[0]
+    assert all(entry.top[0][0] == entry.token_id for entry in greedy.logprobs or [])

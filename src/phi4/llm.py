@@ -8,6 +8,7 @@ from typing import Any, Union
 from phi4.config import EngineConfig
 from phi4.engine.engine import LLMEngine
 from phi4.engine.request import CompletionResult, RequestOutput
+from phi4.engine.sampling import TokenLogprob
 from phi4.model.loader import resolve_checkpoint
 from phi4.sampling_params import SamplingParams
 from phi4.tokenizer import Tokenizer
@@ -42,15 +43,18 @@ class LLM:
         request_ids = self._add_all(prompt_list, params)
         tokens: dict[str, list[int]] = {rid: [] for rid in request_ids}
         texts: dict[str, list[str]] = {rid: [] for rid in request_ids}
+        logprobs: dict[str, list[TokenLogprob]] = {rid: [] for rid in request_ids}
         final: dict[str, RequestOutput] = {}
         for output in self._drain():
             tokens[output.request_id].extend(output.new_token_ids)
             texts[output.request_id].append(output.new_text)
+            logprobs[output.request_id].extend(output.new_logprobs)
             if output.finished:
                 final[output.request_id] = output
         return [
             CompletionResult(
-                rid, final[rid].prompt_token_ids, tokens[rid], "".join(texts[rid]), final[rid].finish_reason or "stop"
+                rid, final[rid].prompt_token_ids, tokens[rid], "".join(texts[rid]), final[rid].finish_reason or "stop",
+                logprobs[rid] or None,
             )
             for rid in request_ids
         ]

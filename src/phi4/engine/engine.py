@@ -11,6 +11,7 @@ from phi4.config import EngineConfig, ModelConfig
 from phi4.engine.kv_cache import BlockManager
 from phi4.engine.request import RequestOutput, Sequence, SequenceStatus
 from phi4.engine.runner import ModelRunner, kv_bytes_per_block
+from phi4.engine.sampling import TokenLogprob
 from phi4.engine.scheduler import Scheduler
 from phi4.errors import ContextLengthExceededError, InvalidRequestError
 from phi4.model.loader import load_model
@@ -120,7 +121,7 @@ class LLMEngine:
             return None
         self.scheduler.remove(seq)
         self._finish(seq, "abort")
-        return self._output(seq, [], "")
+        return self._output(seq, [], "", [])
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -136,21 +137,30 @@ class LLMEngine:
         if not scheduled:
             return []
         sampling = [item.seq for item in scheduled if item.samples]
-        new_tokens = self.runner.execute(scheduled)
+        result = self.runner.execute(scheduled)
         self.scheduler.finish_step(scheduled)
         outputs = []
-        for seq, token in zip(sampling, new_tokens, strict=True):
+        for seq, token, logprob in zip(sampling, result.token_ids, result.logprobs, strict=True):
             seq.token_ids.append(token)
             reason = self._stop_reason(seq, token)
             # The EOS or stop token that ends a request is counted but never shown as text.
-            text = seq.detokenizer.push([token]) if reason != "stop" else ""
+            if reason != "stop":
+                seq.text += seq.detokenizer.push([token])
             if reason is not None:
-                text += seq.detokenizer.flush()
+                seq.text += seq.detokenizer.flush()
+            if seq.params.stop and (cut := _find_stop_string(seq.text, seq.params.stop, seq.num_emitted_chars)) >= 0:
+                seq.text = seq.text[:cut]
+                reason = "stop"
+            if reason is not None:
                 self.scheduler.remove(seq)
                 self._sequences.pop(seq.request_id, None)
                 self._finish(seq, reason)
-            seq.text += text
-            outputs.append(self._output(seq, [token], text))
+                visible_end = len(seq.text)
+            else:
+                visible_end = len(seq.text) - _stop_prefix_length(seq.text, seq.params.stop, seq.num_emitted_chars)
+            new_text = seq.text[seq.num_emitted_chars : visible_end]
+            seq.num_emitted_chars = max(seq.num_emitted_chars, visible_end)
+            outputs.append(self._output(seq, [token], new_text, [logprob] if logprob is not None else []))
         return outputs
 
     def _stop_reason(self, seq: Sequence, token: int) -> str | None:
@@ -169,13 +179,33 @@ class LLMEngine:
         seq.finish_reason = reason
 
     @staticmethod
-    def _output(seq: Sequence, new_tokens: list[int], new_text: str) -> RequestOutput:
+    def _output(
+        seq: Sequence, new_tokens: list[int], new_text: str, new_logprobs: list[TokenLogprob]
+    ) -> RequestOutput:
         return RequestOutput(
             request_id=seq.request_id,
             new_token_ids=new_tokens,
             new_text=new_text,
+            new_logprobs=new_logprobs,
             finished=seq.finished,
             finish_reason=seq.finish_reason,
             prompt_token_ids=seq.prompt_token_ids,
             num_output_tokens=seq.num_output_tokens,
         )
+
+
+def _find_stop_string(text: str, stops: tuple[str, ...], start: int) -> int:
+    """Where the earliest stop string begins in text[start:] (absolute index), or -1."""
+    found = [i for i in (text.find(stop, start) for stop in stops) if i >= 0]
+    return min(found, default=-1)
+
+
+def _stop_prefix_length(text: str, stops: tuple[str, ...], start: int) -> int:
+    """Length of the longest tail of text[start:] that could still grow into a stop string: held back."""
+    longest = 0
+    for stop in stops:
+        for length in range(min(len(stop) - 1, len(text) - start), longest, -1):
+            if text.endswith(stop[:length]):
+                longest = length
+                break
+    return longest

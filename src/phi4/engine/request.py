@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+from phi4.engine.sampling import TokenLogprob
 from phi4.sampling_params import SamplingParams
 from phi4.tokenizer import IncrementalDetokenizer
 
@@ -29,7 +30,8 @@ class Sequence:
     num_hashed_blocks: int = 0
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: str | None = None
-    text: str = ""
+    text: str = ""  # the visible text so far, cut before a stop string once one appears
+    num_emitted_chars: int = 0  # how much of `text` has been reported; the rest may begin a stop string
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)
@@ -62,6 +64,7 @@ class RequestOutput:
     request_id: str
     new_token_ids: list[int]
     new_text: str
+    new_logprobs: list[TokenLogprob]  # one per new token when the request asked for logprobs, else empty
     finished: bool
     finish_reason: str | None  # "stop" (EOS or a stop token), "length", "abort" once finished
     prompt_token_ids: list[int]
@@ -77,3 +80,4 @@ class CompletionResult:
     token_ids: list[int]
     text: str
     finish_reason: str
+    logprobs: list[TokenLogprob] | None = None

@@ -6,7 +6,7 @@ import torch
 
 from phi4.config import ModelConfig
 from phi4.engine.request import Sequence
-from phi4.engine.sampling import SamplingRow, sample
+from phi4.engine.sampling import SampleResult, SamplingRow, sample
 from phi4.engine.scheduler import ScheduledSequence
 from phi4.model.attention import AttentionMetadata
 from phi4.model.phi3 import Phi3ForCausalLM
@@ -47,8 +47,8 @@ class ModelRunner:
             return position + self.config.max_position_embeddings
         return position
 
-    def execute(self, scheduled: list[ScheduledSequence]) -> list[int]:
-        """Run one step; return the next token of every sequence whose `samples` is true, in order."""
+    def execute(self, scheduled: list[ScheduledSequence]) -> SampleResult:
+        """Run one step; sample the next token of every sequence whose `samples` is true, in order."""
         input_ids: list[int] = []
         rope_rows: list[int] = []
         slots: list[int] = []
@@ -78,12 +78,11 @@ class ModelRunner:
             torch.tensor(input_ids, device=device), torch.tensor(rope_rows, device=device), self.kv_caches, metadata
         )
         if not sample_rows:
-            return []
+            return SampleResult([], [])
         logits = self.model.compute_logits(hidden[torch.tensor(sample_rows, device=device)])
         rows = [
-            SamplingRow(p.temperature, p.top_p, p.top_k, item.seq.seed, item.seq.num_output_tokens)
+            SamplingRow(item.seq.params, item.seq.seed, item.seq.prompt_token_ids, item.seq.output_token_ids)
             for item in scheduled
             if item.samples
-            for p in (item.seq.params,)
         ]
         return sample(logits, rows)

@@ -1,4 +1,9 @@
-"""Turning a batch of logits into next tokens.
+"""Turning a batch of logits into next tokens (and their log-probabilities).
+
+Order of operations per row, as OpenAI and vLLM define them: logit_bias; repetition_penalty (over prompt
+and output tokens); frequency and presence penalties (over output tokens); then greedy argmax at
+temperature 0, or temperature, top_k, top_p, min_p and a draw. Log-probabilities are those of the model's
+raw distribution (log-softmax of the unmodified logits).
 
 Randomness comes from (request seed, output position) alone: each row draws its noise from its own
 generator seeded by both, so a request's tokens do not depend on what else shares the batch, or on
@@ -7,9 +12,12 @@ whether it was preempted and resumed.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+
+from phi4.sampling_params import SamplingParams
 
 _MASK64 = (1 << 64) - 1
 
@@ -24,35 +32,96 @@ def mix_seed(seed: int, position: int) -> int:
 
 @dataclass(frozen=True)
 class SamplingRow:
-    temperature: float
-    top_p: float
-    top_k: int
+    params: SamplingParams
     seed: int
-    position: int  # index of the token being sampled among the request's outputs
+    prompt_token_ids: Sequence[int]
+    output_token_ids: Sequence[int]  # its length is the position of the token being sampled
 
 
-def sample(logits: torch.Tensor, rows: list[SamplingRow]) -> list[int]:
+@dataclass(frozen=True)
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]  # the `logprobs` most likely tokens, most likely first
+
+
+@dataclass(frozen=True)
+class SampleResult:
+    token_ids: list[int]
+    logprobs: list[TokenLogprob | None]  # None for rows that did not ask for logprobs
+
+
+def sample(logits: torch.Tensor, rows: list[SamplingRow]) -> SampleResult:
     """Next token per row of `logits` [B, V] (float32). Temperature 0 is argmax, ties to the lowest id."""
+    raw = logits
+    logits = _apply_penalties(logits, rows)
     greedy = logits.argmax(dim=-1)
-    if all(row.temperature == 0.0 for row in rows):
-        return greedy.tolist()
+    if all(row.params.temperature == 0.0 for row in rows):
+        chosen = greedy
+    else:
+        chosen = _draw(logits, greedy, rows)
+    token_ids = chosen.tolist()
+    return SampleResult(token_ids, _logprobs(raw, token_ids, rows))
+
+
+def _apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
     device = logits.device
-    temperature = torch.tensor([row.temperature or 1.0 for row in rows], device=device)
+    vocab_size = logits.shape[-1]
+    if any(row.params.logit_bias for row in rows):
+        logits = logits.clone()
+        index = [(i, token) for i, row in enumerate(rows) for token in row.params.logit_bias]
+        bias = [row.params.logit_bias[token] for row in rows for token in row.params.logit_bias]
+        rows_t, tokens_t = torch.tensor(index, device=device).unbind(1)
+        logits.index_put_((rows_t, tokens_t), torch.tensor(bias, device=device, dtype=logits.dtype), accumulate=True)
+    if any(row.params.repetition_penalty != 1.0 for row in rows):
+        seen = _token_counts(rows, vocab_size, device, include_prompt=True) > 0
+        penalty = torch.tensor([row.params.repetition_penalty for row in rows], device=device)[:, None]
+        penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
+        logits = torch.where(seen, penalised, logits)
+    if any(row.params.frequency_penalty or row.params.presence_penalty for row in rows):
+        counts = _token_counts(rows, vocab_size, device, include_prompt=False)
+        frequency = torch.tensor([row.params.frequency_penalty for row in rows], device=device)[:, None]
+        presence = torch.tensor([row.params.presence_penalty for row in rows], device=device)[:, None]
+        logits = logits - counts * frequency - (counts > 0).to(logits.dtype) * presence
+    return logits
+
+
+def _token_counts(rows: list[SamplingRow], vocab_size: int, device: torch.device, include_prompt: bool) -> torch.Tensor:
+    counts = torch.zeros(len(rows), vocab_size, device=device)
+    row_index: list[int] = []
+    token_index: list[int] = []
+    for i, row in enumerate(rows):
+        tokens = list(row.output_token_ids) + (list(row.prompt_token_ids) if include_prompt else [])
+        row_index.extend([i] * len(tokens))
+        token_index.extend(tokens)
+    if token_index:
+        ones = torch.ones(len(token_index), device=device)
+        counts.index_put_((torch.tensor(row_index, device=device), torch.tensor(token_index, device=device)),
+                          ones, accumulate=True)
+    return counts
+
+
+def _draw(logits: torch.Tensor, greedy: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    device = logits.device
+    temperature = torch.tensor([row.params.temperature or 1.0 for row in rows], device=device)
     scaled = logits / temperature[:, None]
-    if any(row.top_k or row.top_p < 1.0 for row in rows):
+    if any(row.params.top_k or row.params.top_p < 1.0 for row in rows):
         scaled = _top_k_top_p(scaled, rows)
     probs = torch.softmax(scaled, dim=-1)
+    if any(row.params.min_p > 0.0 for row in rows):
+        min_p = torch.tensor([row.params.min_p for row in rows], device=device)[:, None]
+        probs = probs.masked_fill(probs < min_p * probs.max(dim=-1, keepdim=True).values, 0.0)
     # Exponential-race sampling: argmax(p / E) with E ~ Exp(1) draws index i with probability p_i.
     noise = torch.stack([_exponential_noise(row, logits.shape[-1], device) for row in rows])
     sampled = (probs / noise).argmax(dim=-1)
-    is_greedy = torch.tensor([row.temperature == 0.0 for row in rows], device=device)
-    return torch.where(is_greedy, greedy, sampled).tolist()
+    is_greedy = torch.tensor([row.params.temperature == 0.0 for row in rows], device=device)
+    return torch.where(is_greedy, greedy, sampled)
 
 
 def _exponential_noise(row: SamplingRow, vocab_size: int, device: torch.device) -> torch.Tensor:
-    if row.temperature == 0.0:
+    if row.params.temperature == 0.0:
         return torch.ones(vocab_size, device=device)
-    generator = torch.Generator(device=device).manual_seed(mix_seed(row.seed, row.position))
+    generator = torch.Generator(device=device).manual_seed(mix_seed(row.seed, len(row.output_token_ids)))
     return torch.empty(vocab_size, device=device).exponential_(generator=generator)
 
 
@@ -61,13 +130,29 @@ def _top_k_top_p(scaled: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
     vocab_size = scaled.shape[-1]
     sorted_logits, order = scaled.sort(dim=-1, descending=True)
     ranks = torch.arange(vocab_size, device=device)[None, :]
-    top_k = torch.tensor([row.top_k or vocab_size for row in rows], device=device)
-    drop = ranks >= top_k[:, None]
-    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    top_k = torch.tensor([row.params.top_k or vocab_size for row in rows], device=device)
+    sorted_logits = sorted_logits.masked_fill(ranks >= top_k[:, None], float("-inf"))
     # top_p: keep the smallest prefix whose probability reaches top_p (the first token always stays).
     probs = torch.softmax(sorted_logits, dim=-1)
     mass_before = probs.cumsum(dim=-1) - probs
-    top_p = torch.tensor([row.top_p for row in rows], device=device)
-    drop = mass_before >= top_p[:, None]
-    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    top_p = torch.tensor([row.params.top_p for row in rows], device=device)
+    sorted_logits = sorted_logits.masked_fill(mass_before >= top_p[:, None], float("-inf"))
     return torch.full_like(scaled, float("-inf")).scatter(-1, order, sorted_logits)
+
+
+def _logprobs(raw: torch.Tensor, token_ids: list[int], rows: list[SamplingRow]) -> list[TokenLogprob | None]:
+    wanted = [i for i, row in enumerate(rows) if row.params.logprobs is not None]
+    results: list[TokenLogprob | None] = [None] * len(rows)
+    if not wanted:
+        return results
+    index = torch.tensor(wanted, device=raw.device)
+    logprobs = torch.log_softmax(raw[index].float(), dim=-1)
+    chosen = logprobs.gather(1, torch.tensor([[token_ids[i]] for i in wanted], device=raw.device))[:, 0].tolist()
+    most = max(rows[i].params.logprobs or 0 for i in wanted)
+    top_values, top_ids = logprobs.topk(most, dim=-1) if most else (logprobs[:, :0], logprobs[:, :0].long())
+    top_values_l, top_ids_l = top_values.tolist(), top_ids.tolist()
+    for j, i in enumerate(wanted):
+        count = rows[i].params.logprobs or 0
+        top = list(zip(top_ids_l[j][:count], top_values_l[j][:count]))
+        results[i] = TokenLogprob(token_ids[i], chosen[j], top)
+    return results

@@ -1,5 +1,7 @@
 """phi4: an OpenAI-compatible inference server for Microsoft's Phi-4 family."""
 
+__version__ = "0.1.0"
+
 from phi4.errors import (
     CheckpointError,
     ContextLengthExceededError,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -30,6 +31,25 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from phi4.config import EngineConfig
+    from phi4.server.serve import ServeOptions, serve
+
+    engine = EngineConfig(
+        max_model_len=args.max_model_len,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        enable_prefix_caching=not args.no_prefix_caching,
+    )
+    serve(ServeOptions(
+        model=args.model, host=args.host, port=args.port, served_model_name=args.served_model_name,
+        api_key=args.api_key or os.environ.get("PHI4_API_KEY") or None, max_queue=args.max_queue,
+        device=args.device, dtype=args.dtype, engine=engine,
+    ))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="phi4", description="Inference for Microsoft's Phi-4 family")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -38,6 +58,22 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("directory")
     demo.add_argument("--shards", type=int, default=1, help="split the weights into this many safetensors files")
     demo.set_defaults(handler=_demo_model)
+
+    serve = commands.add_parser("serve", help="the OpenAI-compatible HTTP server")
+    serve.add_argument("--model", default="microsoft/phi-4", help="demo, a local checkpoint directory, or a Hub id")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--served-model-name", default="microsoft/phi-4", help="the model name clients must send")
+    serve.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (or set PHI4_API_KEY)")
+    serve.add_argument("--max-model-len", type=int, default=None)
+    serve.add_argument("--max-num-seqs", type=int, default=256)
+    serve.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    serve.add_argument("--max-queue", type=int, default=1024, help="waiting requests beyond this get 429")
+    serve.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    serve.add_argument("--no-prefix-caching", action="store_true")
+    serve.add_argument("--device", default="auto")
+    serve.add_argument("--dtype", default="auto")
+    serve.set_defaults(handler=_serve)
 
     generate = commands.add_parser("generate", help="complete one prompt offline and print JSON")
     generate.add_argument("prompt")

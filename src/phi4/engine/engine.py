@@ -93,12 +93,7 @@ class LLMEngine:
     ) -> str:
         params = params or SamplingParams()
         prompt_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        if not prompt_ids:
-            raise InvalidRequestError("the prompt is empty", "prompt")
-        if any(not 0 <= t < self.model_config.vocab_size for t in prompt_ids):
-            raise InvalidRequestError(f"prompt token ids must be in [0, {self.model_config.vocab_size})", "prompt")
-        if len(prompt_ids) >= self.max_model_len:
-            raise ContextLengthExceededError(len(prompt_ids), self.max_model_len)
+        self.validate(prompt_ids, params)
         if request_id is None:
             request_id = f"req-{self._next_request_id}"
             self._next_request_id += 1
@@ -114,6 +109,20 @@ class LLMEngine:
         self._sequences[request_id] = seq
         self.scheduler.add(seq)
         return request_id
+
+    def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        """Raise the typed error that `add_request` would raise for this request, without adding it."""
+        vocab_size = self.model_config.vocab_size
+        if not prompt_ids:
+            raise InvalidRequestError("the prompt is empty", "prompt")
+        if any(not 0 <= t < vocab_size for t in prompt_ids):
+            raise InvalidRequestError(f"prompt token ids must be in [0, {vocab_size})", "prompt")
+        if len(prompt_ids) >= self.max_model_len:
+            raise ContextLengthExceededError(len(prompt_ids), self.max_model_len)
+        if any(not 0 <= t < vocab_size for t in params.logit_bias):
+            raise InvalidRequestError(f"logit_bias token ids must be in [0, {vocab_size})", "logit_bias")
+        if any(not 0 <= t < vocab_size for t in params.stop_token_ids):
+            raise InvalidRequestError(f"stop token ids must be in [0, {vocab_size})", "stop_token_ids")
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
         seq = self._sequences.pop(request_id, None)

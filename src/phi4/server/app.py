@@ -15,7 +15,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from phi4.server.chat import create_chat_completion, render_messages
 from phi4.server.completions import create_completion
-from phi4.server.errors import APIError, as_api_error
+from phi4.server.errors import APIError, as_api_error, validation_error
 from phi4.server.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 from phi4.server.state import ServerState
 
@@ -67,7 +67,7 @@ async def parse_body(request: Request, model: type[BaseModel]) -> Any:
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        raise as_api_error(exc) from exc
+        raise validation_error(exc, data) from exc
 
 
 class LoadingState:

@@ -1,0 +1,142 @@
+"""Load on `phi4 serve --model demo` from N concurrent streaming clients, on loopback only.
+
+Prints one JSON line: requests/s, output tokens/s, TTFT and inter-token latency p50/p99 as the clients
+saw them, and the server's overhead: output tokens/s through HTTP divided by offline `LLM.generate`
+tokens/s for the same workload, measured in the same run (offline first, so the two never compete for
+the CPU). Bounded: `--requests` in all, and the run stops after `--max-seconds`.
+
+Usage: python benchmarks/serve_load.py [--clients 16] [--requests 32] [--prompt-tokens 128] [--output-tokens 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import socket
+import statistics
+import subprocess
+import sys
+import time
+
+import httpx
+
+from phi4 import LLM, SamplingParams
+
+MODEL = "microsoft/phi-4"
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
+
+
+def workload(requests: int, prompt_tokens: int, seed: int = 0) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(100, 100_000) for _ in range(prompt_tokens)] for _ in range(requests)]
+
+
+def offline_tokens_per_second(prompts: list[list[int]], output_tokens: int, concurrency: int) -> float:
+    """The same requests through `LLM.generate`, at most `concurrency` at a time, as the clients send them."""
+    llm = LLM("demo", enable_prefix_caching=False)
+    params = SamplingParams(temperature=0.0, max_tokens=output_tokens, ignore_eos=True)
+    llm.generate(prompts[:2], params)  # warm-up
+    start = time.perf_counter()
+    tokens = 0
+    for wave in range(0, len(prompts), concurrency):
+        tokens += sum(len(r.token_ids) for r in llm.generate(prompts[wave : wave + concurrency], params))
+    return tokens / (time.perf_counter() - start)
+
+
+async def one_request(client: httpx.AsyncClient, url: str, prompt: list[int], output_tokens: int) -> dict:
+    body = {"model": MODEL, "prompt": prompt, "max_tokens": output_tokens, "temperature": 0, "ignore_eos": True,
+            "stream": True, "stream_options": {"include_usage": True}}
+    start = time.perf_counter()
+    arrivals: list[float] = []
+    tokens = 0
+    async with client.stream("POST", f"{url}/v1/completions", json=body) as response:
+        response.raise_for_status()
+        async for line in response.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+            elif chunk["choices"] and chunk["choices"][0]["text"]:
+                arrivals.append(time.perf_counter())
+    return {"ttft": arrivals[0] - start if arrivals else float("nan"),
+            "itl": [b - a for a, b in zip(arrivals, arrivals[1:])], "tokens": tokens}
+
+
+async def drive(url: str, prompts: list[list[int]], clients: int, output_tokens: int, max_seconds: float) -> dict:
+    queue: asyncio.Queue[list[int]] = asyncio.Queue()
+    for prompt in prompts:
+        queue.put_nowait(prompt)
+    results: list[dict] = []
+    deadline = time.perf_counter() + max_seconds
+
+    async def client_loop(client: httpx.AsyncClient) -> None:
+        while not queue.empty() and time.perf_counter() < deadline:
+            results.append(await one_request(client, url, queue.get_nowait(), output_tokens))
+
+    async with httpx.AsyncClient(timeout=max_seconds) as client:
+        start = time.perf_counter()
+        await asyncio.gather(*(client_loop(client) for _ in range(clients)))
+        elapsed = time.perf_counter() - start
+    itl = [x for r in results for x in r["itl"]]
+    return {"requests": len(results), "seconds": elapsed, "requests_per_s": len(results) / elapsed,
+            "output_tok_s": sum(r["tokens"] for r in results) / elapsed,
+            "ttft_p50_ms": 1000 * percentile([r["ttft"] for r in results], 0.5),
+            "ttft_p99_ms": 1000 * percentile([r["ttft"] for r in results], 0.99),
+            "itl_p50_ms": 1000 * percentile(itl, 0.5), "itl_p99_ms": 1000 * percentile(itl, 0.99),
+            "itl_mean_ms": 1000 * statistics.fmean(itl) if itl else float("nan")}
+
+
+def start_server() -> tuple[subprocess.Popen, str]:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "phi4.cli", "serve", "--model", "demo", "--host", "127.0.0.1", "--port", str(port),
+         "--no-prefix-caching"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ.copy(),
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return process, url
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    process.kill()
+    raise TimeoutError("the server did not become healthy")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--requests", type=int, default=32)
+    parser.add_argument("--prompt-tokens", type=int, default=128)
+    parser.add_argument("--output-tokens", type=int, default=64)
+    parser.add_argument("--max-seconds", type=float, default=300)
+    args = parser.parse_args()
+    prompts = workload(args.requests, args.prompt_tokens)
+    offline = offline_tokens_per_second(prompts, args.output_tokens, args.clients)
+    process, url = start_server()
+    try:
+        asyncio.run(drive(url, prompts[:2], 2, 4, 60))  # warm-up
+        figures = asyncio.run(drive(url, prompts, args.clients, args.output_tokens, args.max_seconds))
+    finally:
+        process.terminate()
+        process.wait(timeout=60)
+    print(json.dumps({"figure": "serve_load", "clients": args.clients, "prompt_tokens": args.prompt_tokens,
+                      "output_tokens": args.output_tokens, **{k: round(v, 2) for k, v in figures.items()},
+                      "offline_output_tok_s": round(offline, 2),
+                      "http_over_offline": round(figures["output_tok_s"] / offline, 3), "target": 0.8}))
+
+
+if __name__ == "__main__":
+    main()

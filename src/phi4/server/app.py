@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hmac
 import json
+import logging
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -19,6 +20,7 @@ from phi4.server.errors import APIError, as_api_error, validation_error
 from phi4.server.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 from phi4.server.state import ServerState
 
+logger = logging.getLogger("phi4.server")
 PREFIXES = ("/v1", "/api/v1")
 OPEN_PATHS = ("/health", "/metrics")
 
@@ -117,6 +119,8 @@ def create_app(loading: LoadingState, max_body_bytes: int = 8 << 20) -> FastAPI:
             response = error_response(as_api_error(exc))
         if state is not None:
             state.metrics.count_request(response.status_code)
+        if response.status_code >= 400:
+            logger.info("%s %s -> %d", request.method, request.url.path, response.status_code)
         return response
 
     @app.exception_handler(APIError)

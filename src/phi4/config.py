@@ -171,3 +171,5 @@ class EngineConfig:
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 2048
     enable_prefix_caching: bool = True
+    # Every token computed in an order independent of the batch: same seed, same output under any load.
+    batch_invariant: bool = True

@@ -5,9 +5,9 @@ and output tokens); frequency and presence penalties (over output tokens); then 
 temperature 0, or temperature, top_k, top_p, min_p and a draw. Log-probabilities are those of the model's
 raw distribution (log-softmax of the unmodified logits).
 
-Randomness comes from (request seed, output position) alone: each row draws its noise from its own
-generator seeded by both, so a request's tokens do not depend on what else shares the batch, or on
-whether it was preempted and resumed.
+Randomness comes from (request seed, output position) alone: each row's draw uses one uniform derived
+from both, so a request's tokens do not depend on what else shares the batch, or on whether it was
+preempted and resumed. Every step is vectorised over the batch with per-row parameter tensors.
 """
 
 from __future__ import annotations
@@ -87,17 +87,14 @@ def _apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Ten
 
 
 def _token_counts(rows: list[SamplingRow], vocab_size: int, device: torch.device, include_prompt: bool) -> torch.Tensor:
+    """[B, vocab] how often each token occurs in each row's output (and prompt): one scatter-add."""
+    per_row = [torch.tensor(list(row.output_token_ids) + (list(row.prompt_token_ids) if include_prompt else []),
+                            dtype=torch.long) for row in rows]
+    lengths = torch.tensor([len(t) for t in per_row])
+    row_index = torch.repeat_interleave(torch.arange(len(rows)), lengths).to(device)
     counts = torch.zeros(len(rows), vocab_size, device=device)
-    row_index: list[int] = []
-    token_index: list[int] = []
-    for i, row in enumerate(rows):
-        tokens = list(row.output_token_ids) + (list(row.prompt_token_ids) if include_prompt else [])
-        row_index.extend([i] * len(tokens))
-        token_index.extend(tokens)
-    if token_index:
-        ones = torch.ones(len(token_index), device=device)
-        counts.index_put_((torch.tensor(row_index, device=device), torch.tensor(token_index, device=device)),
-                          ones, accumulate=True)
+    counts.index_put_((row_index, torch.cat(per_row).to(device)), torch.ones(len(row_index), device=device),
+                      accumulate=True)
     return counts
 
 
@@ -111,18 +108,20 @@ def _draw(logits: torch.Tensor, greedy: torch.Tensor, rows: list[SamplingRow]) -
     if any(row.params.min_p > 0.0 for row in rows):
         min_p = torch.tensor([row.params.min_p for row in rows], device=device)[:, None]
         probs = probs.masked_fill(probs < min_p * probs.max(dim=-1, keepdim=True).values, 0.0)
-    # Exponential-race sampling: argmax(p / E) with E ~ Exp(1) draws index i with probability p_i.
-    noise = torch.stack([_exponential_noise(row, logits.shape[-1], device) for row in rows])
-    sampled = (probs / noise).argmax(dim=-1)
+    # Inverse-CDF sampling with one uniform per row, drawn from (seed, position): the row's cumulative sum
+    # is a sequential scan of its own probabilities, so nothing else in the batch can change the draw.
+    uniform = torch.tensor([_uniform(row.seed, len(row.output_token_ids)) for row in rows],
+                           dtype=torch.float64, device=device)
+    cdf = probs.double().cumsum(dim=-1)
+    target = (uniform * cdf[:, -1]).unsqueeze(1)
+    sampled = torch.searchsorted(cdf, target, right=True).squeeze(1).clamp_(max=logits.shape[-1] - 1)
     is_greedy = torch.tensor([row.params.temperature == 0.0 for row in rows], device=device)
     return torch.where(is_greedy, greedy, sampled)
 
 
-def _exponential_noise(row: SamplingRow, vocab_size: int, device: torch.device) -> torch.Tensor:
-    if row.params.temperature == 0.0:
-        return torch.ones(vocab_size, device=device)
-    generator = torch.Generator(device=device).manual_seed(mix_seed(row.seed, len(row.output_token_ids)))
-    return torch.empty(vocab_size, device=device).exponential_(generator=generator)
+def _uniform(seed: int, position: int) -> float:
+    """A uniform in [0, 1) with 53 random bits, a pure function of (seed, position)."""
+    return (mix_seed(seed, position) >> 11) * 2.0**-53
 
 
 def _top_k_top_p(scaled: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:

@@ -1,9 +1,10 @@
 """Attention over the paged KV cache.
 
 Every backend takes the same `AttentionMetadata` and the same cache layout, per layer
-`[num_slots, kv_heads, head_dim]` for K and for V, where slot = block_id * block_size + offset. This is the
-torch reference backend: it gathers each sequence's keys and values and runs SDPA. It is the oracle that
-faster backends are tested against.
+`[num_slots, kv_heads, head_dim]` for K and for V, where slot = block_id * block_size + offset.
+`TorchPagedAttention` gathers each sequence's keys and values and runs SDPA: the reference that faster
+backends are tested against. `TiledPagedAttention` computes the same thing in a fixed order per query, so
+that results do not depend on the batch, on chunked prefill, or on the prefix cache.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from phi4.model.batch_invariant import invariant_rows, pad_rows
 
 
 @dataclass
@@ -31,6 +34,7 @@ class DecodeGroup:
     rows: torch.Tensor  # [B] their rows in the flat batch
     kv_slots: torch.Tensor  # [B, longest context], padded with slot 0
     key_mask: torch.Tensor | None  # [B, 1, 1, longest context], False on padding; None without padding
+    context_lens: torch.Tensor  # [B]
 
 
 @dataclass
@@ -78,7 +82,7 @@ class AttentionMetadata:
             key_mask = None
             if bool((lengths < longest).any()):
                 key_mask = (torch.arange(longest, device=device)[None, :] < lengths[:, None])[:, None, None, :]
-            decodes = DecodeGroup(torch.tensor(decode_rows, device=device), padded, key_mask)
+            decodes = DecodeGroup(torch.tensor(decode_rows, device=device), padded, key_mask, lengths)
         return cls(slot_mapping, prefills, decodes)
 
 
@@ -119,3 +123,87 @@ class TorchPagedAttention:
             )
             out[group.rows] = attended.squeeze(2)
         return out
+
+
+class TiledPagedAttention:
+    """Batch-invariant attention: keys in fixed tiles of KEY_TILE, an online softmax across tiles.
+
+    A query's result depends only on its own keys. Within a tile every reduction has the same length
+    whatever the context; tiles past a query's position are fully masked and leave its running max, sum
+    and output exactly unchanged; the matrix products see row counts of one equivalence class (see
+    batch_invariant) and per-entry shapes that do not depend on how many sequences share the call. So a
+    token computes the same bits alone or batched, prefilled whole or in chunks, or decoded.
+    """
+
+    KEY_TILE = 256
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int) -> None:
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.group = num_heads // num_kv_heads
+        self.scale = head_dim**-0.5
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        metadata: AttentionMetadata,
+    ) -> torch.Tensor:
+        k_cache[metadata.slot_mapping] = k
+        v_cache[metadata.slot_mapping] = v
+        out = torch.empty_like(q)
+        for seq in metadata.prefills:
+            queries = q[seq.start : seq.end].unsqueeze(0)
+            out[seq.start : seq.end] = self._attend(
+                queries, seq.kv_slots.unsqueeze(0), seq.causal_mask.unsqueeze(0), k_cache, v_cache
+            )[0]
+        group = metadata.decodes
+        if group is not None:
+            longest = group.kv_slots.shape[1]
+            allowed = (torch.arange(longest, device=q.device)[None, :] < group.context_lens[:, None]).unsqueeze(1)
+            out[group.rows] = self._attend(q[group.rows].unsqueeze(1), group.kv_slots, allowed, k_cache, v_cache)[:, 0]
+        return out
+
+    def _attend(
+        self,
+        queries: torch.Tensor,  # [B, n, heads, head_dim]
+        kv_slots: torch.Tensor,  # [B, L]
+        allowed: torch.Tensor,  # [B, n, L] which keys each query sees
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+    ) -> torch.Tensor:
+        batch, n, _, head_dim = queries.shape
+        kv_heads, group, tile = self.num_kv_heads, self.group, self.KEY_TILE
+        rows = n * group
+        padded_rows = invariant_rows(rows)
+        # Rows of one KV head: (token, head in its group), token-major; padded into the invariant class.
+        q_rows = queries.view(batch, n, kv_heads, group, head_dim).permute(0, 2, 1, 3, 4)
+        q_rows = pad_rows(q_rows.reshape(batch, kv_heads, rows, head_dim), padded_rows, dim=2)
+        allowed = allowed.repeat_interleave(group, dim=1)  # [B, rows, L]
+        allowed = pad_rows(allowed, padded_rows, dim=1)
+        allowed[:, rows:, 0] = True  # padding rows see key 0, so that they stay finite
+        length = kv_slots.shape[1]
+        padded_length = -(-length // tile) * tile
+        kv_slots = pad_rows(kv_slots, padded_length, dim=1)
+        allowed = pad_rows(allowed, padded_length, dim=2).unsqueeze(1)  # [B, 1, rows, L]
+
+        running_max = q_rows.new_full((batch, kv_heads, padded_rows), float("-inf"))
+        running_sum = q_rows.new_zeros((batch, kv_heads, padded_rows))
+        acc = q_rows.new_zeros((batch, kv_heads, padded_rows, head_dim))
+        for start in range(0, padded_length, tile):
+            slots = kv_slots[:, start : start + tile]
+            keys = k_cache[slots].permute(0, 2, 3, 1)  # [B, kv_heads, head_dim, tile]
+            values = v_cache[slots].permute(0, 2, 1, 3)  # [B, kv_heads, tile, head_dim]
+            scores = torch.matmul(q_rows, keys) * self.scale
+            scores = scores.masked_fill(~allowed[..., start : start + tile], float("-inf"))
+            new_max = torch.maximum(running_max, scores.amax(dim=-1))
+            probs = torch.exp(scores - new_max.unsqueeze(-1))
+            correction = torch.exp(running_max - new_max)
+            running_sum = running_sum * correction + probs.sum(dim=-1)
+            acc = acc * correction.unsqueeze(-1) + torch.matmul(probs, values)
+            running_max = new_max
+        out = (acc / running_sum.unsqueeze(-1))[:, :, :rows]
+        return out.reshape(batch, kv_heads, n, group, head_dim).permute(0, 2, 1, 3, 4).reshape(batch, n, -1, head_dim)

@@ -71,7 +71,9 @@ def weight_files(directory: Path) -> list[Path]:
     raise CheckpointError(f"{directory} has no model.safetensors or model.safetensors.index.json")
 
 
-def load_model(directory: Path, device: torch.device, dtype: torch.dtype) -> Phi3ForCausalLM:
+def load_model(
+    directory: Path, device: torch.device, dtype: torch.dtype, batch_invariant: bool = True
+) -> Phi3ForCausalLM:
     config = ModelConfig.from_dir(directory)
     with torch.device("meta"):
         model = Phi3ForCausalLM(config)
@@ -97,5 +99,5 @@ def load_model(directory: Path, device: torch.device, dtype: torch.dtype) -> Phi
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise CheckpointError(f"{directory}: weights missing from the checkpoint: {shown}")
     model.load_state_dict(loaded, assign=True, strict=True)
-    model.prepare()
+    model.prepare(batch_invariant)
     return model.eval()

@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from phi4.config import ModelConfig
-from phi4.model.attention import AttentionMetadata, TorchPagedAttention
+from phi4.model import batch_invariant as batch_invariant_ops
+from phi4.model.attention import AttentionMetadata, TiledPagedAttention, TorchPagedAttention
 from phi4.model.layers import RotaryEmbedding, rms_norm, silu_and_mul
 
 
@@ -76,17 +77,30 @@ class Phi3ForCausalLM(nn.Module):
         self.model = Phi3Model(config)
         if not config.tie_word_embeddings:
             self.lm_head = Linear(config.hidden_size, config.vocab_size)
-        self.attention = TorchPagedAttention(config.num_attention_heads, config.num_key_value_heads, config.head_dim)
+        self.attention: TorchPagedAttention | TiledPagedAttention | None = None
         self.rotary: RotaryEmbedding | None = None
         self.lm_head_weight: torch.Tensor | None = None
         self._lm_head_out_major: torch.Tensor | None = None
+        self._linear = F.linear
+        self.batch_invariant = False
 
-    def prepare(self) -> None:
-        """Build what depends on the final device and dtype; call once the weights are loaded."""
+    def prepare(self, batch_invariant: bool = True) -> None:
+        """Build what depends on the final device and dtype; call once the weights are loaded.
+
+        `batch_invariant` computes every token in an order that does not depend on the batch (see
+        model/batch_invariant.py); off, the fastest kernels run, and a token's last bits may change with
+        the batch it shares.
+        """
+        config = self.config
         embedding = self.model.embed_tokens.weight
-        self.rotary = RotaryEmbedding(self.config, embedding.device, embedding.dtype)
-        head = embedding if self.config.tie_word_embeddings else self.lm_head.weight
+        self.rotary = RotaryEmbedding(config, embedding.device, embedding.dtype)
+        self.batch_invariant = batch_invariant
+        self._linear = batch_invariant_ops.linear if batch_invariant else F.linear
+        attention = TiledPagedAttention if batch_invariant else TorchPagedAttention
+        self.attention = attention(config.num_attention_heads, config.num_key_value_heads, config.head_dim)
+        head = embedding if config.tie_word_embeddings else self.lm_head.weight
         self.lm_head_weight = head.detach()  # a plain tensor: not a second registered parameter
+        self._lm_head_out_major = head.detach().contiguous()
         if embedding.device.type == "cpu":
             # On CPU, decode is bound by MKL's fp32 kernels, whose speed depends on the weight layout. A
             # matrix-vector product reads weights stored [in, out] about 3x faster than the checkpoint's
@@ -94,7 +108,6 @@ class Phi3ForCausalLM(nn.Module):
             # shapes; F.linear takes the fast path). For the LM head with 2-16 rows, W @ x^T over the
             # original layout is faster still, so the head keeps both layouts (measured: 100k x 256 head,
             # 4.8 ms at 1 row instead of 12.5; 4-7 ms at 2-8 rows instead of 15-26).
-            self._lm_head_out_major = head.detach().contiguous()
             for module in self.modules():
                 if isinstance(module, Linear):
                     module.weight = nn.Parameter(module.weight.t().contiguous().t(), requires_grad=False)
@@ -109,27 +122,30 @@ class Phi3ForCausalLM(nn.Module):
         metadata: AttentionMetadata,
     ) -> torch.Tensor:
         """Final hidden states [T, hidden] (normalised); `compute_logits` turns selected rows into logits."""
-        config, rotary = self.config, self.rotary
-        assert rotary is not None, "call prepare() after loading weights"
+        config, rotary, attention, linear = self.config, self.rotary, self.attention, self._linear
+        assert rotary is not None and attention is not None, "call prepare() after loading weights"
         eps = config.rms_norm_eps
         num_tokens = input_ids.shape[0]
         hidden = F.embedding(input_ids, self.model.embed_tokens.weight)
         for index, layer in enumerate(self.model.layers):
             attn_in = rms_norm(hidden, layer.input_layernorm.weight, eps)
-            qkv = F.linear(attn_in, layer.self_attn.qkv_proj.weight)
+            qkv = linear(attn_in, layer.self_attn.qkv_proj.weight)
             q, k, v = qkv.split([config.q_size, config.kv_size, config.kv_size], dim=-1)
             q = rotary.apply(q.view(num_tokens, config.num_attention_heads, config.head_dim), rope_rows)
             k = rotary.apply(k.view(num_tokens, config.num_key_value_heads, config.head_dim), rope_rows)
             v = v.view(num_tokens, config.num_key_value_heads, config.head_dim)
-            attn = self.attention.forward(q, k, v, kv_caches[index, 0], kv_caches[index, 1], metadata)
-            hidden = hidden + F.linear(attn.view(num_tokens, config.q_size), layer.self_attn.o_proj.weight)
+            attn = attention.forward(q, k, v, kv_caches[index, 0], kv_caches[index, 1], metadata)
+            hidden = hidden + linear(attn.view(num_tokens, config.q_size), layer.self_attn.o_proj.weight)
             mlp_in = rms_norm(hidden, layer.post_attention_layernorm.weight, eps)
-            mlp_hidden = silu_and_mul(F.linear(mlp_in, layer.mlp.gate_up_proj.weight))
-            hidden = hidden + F.linear(mlp_hidden, layer.mlp.down_proj.weight)
+            mlp_hidden = silu_and_mul(linear(mlp_in, layer.mlp.gate_up_proj.weight))
+            hidden = hidden + linear(mlp_hidden, layer.mlp.down_proj.weight)
         return rms_norm(hidden, self.model.norm.weight, eps)
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        if self._lm_head_out_major is not None and hidden.shape[0] > 1:
+        assert self._lm_head_out_major is not None and self.lm_head_weight is not None
+        if self.batch_invariant:
+            return batch_invariant_ops.lm_head(hidden, self._lm_head_out_major).float()
+        if hidden.device.type == "cpu" and hidden.shape[0] > 1:
             return torch.mm(self._lm_head_out_major, hidden.t()).t().float()
         return F.linear(hidden, self.lm_head_weight).float()

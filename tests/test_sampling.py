@@ -97,3 +97,13 @@ def test_each_row_is_independent_of_its_neighbours() -> None:
     together = sample(logits, rows).token_ids
     assert together == [sample(logits[:1], [r]).token_ids[0] for r in rows]
     assert len(set(together)) == 3
+
+
+def test_top_p_over_a_flat_distribution_falls_back_to_a_full_sort() -> None:
+    # 4,000 equally likely tokens: the best 1,024 candidates hold only about a quarter of the mass.
+    logits = torch.zeros(1, 4000)
+    drawn = {sample(logits, [row(seed, top_p=0.5)]).token_ids[0] for seed in range(300)}
+    assert max(drawn) >= 1024 and len(drawn) > 200
+    peaked = torch.log(torch.tensor([PROBS + [1e-9] * 3000]))
+    assert set(draw_counts(peaked, 300, top_p=0.75)) == {0, 1}
+    assert set(draw_counts(peaked, 300, top_k=3, top_p=0.9)) == {0, 1, 2}  # renormalised over the top 3

@@ -124,19 +124,34 @@ def _uniform(seed: int, position: int) -> float:
     return (mix_seed(seed, position) >> 11) * 2.0**-53
 
 
+TOP_CANDIDATES = 1024
+
+
 def _top_k_top_p(scaled: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
-    device = scaled.device
+    """Mask all but each row's top_k tokens, then all but the smallest prefix whose probability reaches
+    top_p (renormalised over the top_k set; the first token always stays).
+
+    Sorting 100k logits per row dominates a step, so the cut is looked for among the best
+    TOP_CANDIDATES first; only a row whose candidates hold less than top_p of the mass needs a full sort.
+    """
     vocab_size = scaled.shape[-1]
-    sorted_logits, order = scaled.sort(dim=-1, descending=True)
-    ranks = torch.arange(vocab_size, device=device)[None, :]
-    top_k = torch.tensor([row.params.top_k or vocab_size for row in rows], device=device)
-    sorted_logits = sorted_logits.masked_fill(ranks >= top_k[:, None], float("-inf"))
-    # top_p: keep the smallest prefix whose probability reaches top_p (the first token always stays).
-    probs = torch.softmax(sorted_logits, dim=-1)
+    top_k = torch.tensor([row.params.top_k or vocab_size for row in rows], device=scaled.device)
+    top_p = torch.tensor([row.params.top_p for row in rows], device=scaled.device)
+    candidates = min(vocab_size, max(TOP_CANDIDATES, max(row.params.top_k for row in rows)))
+    values, order = scaled.topk(candidates, dim=-1)
+    ranks = torch.arange(candidates, device=scaled.device)[None, :]
+    values = values.masked_fill(ranks >= top_k[:, None], float("-inf"))
+    # Normalise over the top_k set where there is one (it lies among the candidates), else the whole row.
+    normaliser = torch.where(top_k < vocab_size, torch.logsumexp(values, dim=-1), torch.logsumexp(scaled, dim=-1))
+    probs = torch.exp(values - normaliser[:, None])
+    if not bool(((probs.sum(dim=-1) >= top_p) | (top_p >= 1.0)).all()):
+        values, order = scaled.sort(dim=-1, descending=True)
+        ranks = torch.arange(vocab_size, device=scaled.device)[None, :]
+        values = values.masked_fill(ranks >= top_k[:, None], float("-inf"))
+        probs = torch.softmax(values, dim=-1)
     mass_before = probs.cumsum(dim=-1) - probs
-    top_p = torch.tensor([row.params.top_p for row in rows], device=device)
-    sorted_logits = sorted_logits.masked_fill(mass_before >= top_p[:, None], float("-inf"))
-    return torch.full_like(scaled, float("-inf")).scatter(-1, order, sorted_logits)
+    values = values.masked_fill(mass_before >= top_p[:, None], float("-inf"))
+    return torch.full_like(scaled, float("-inf")).scatter(-1, order, values)
 
 
 def _logprobs(raw: torch.Tensor, token_ids: list[int], rows: list[SamplingRow]) -> list[TokenLogprob | None]:

@@ -9,7 +9,7 @@ that results do not depend on the batch, on chunked prefill, or on the prefix ca
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +42,8 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor  # [T] where each new token's K and V are written
     prefills: list[SequenceSlice]
     decodes: DecodeGroup | None
+    # What a backend derives once per step and reuses in every layer (masks, padded slot lists).
+    backend_plans: dict[str, object] = field(default_factory=dict)
 
     @classmethod
     def build(
@@ -154,46 +156,57 @@ class TiledPagedAttention:
     ) -> torch.Tensor:
         k_cache[metadata.slot_mapping] = k
         v_cache[metadata.slot_mapping] = v
+        plans = metadata.backend_plans.get("tiled")
+        if plans is None:
+            plans = metadata.backend_plans["tiled"] = self._plan(metadata, q.device)
         out = torch.empty_like(q)
+        for (rows, n), plan in plans:  # type: ignore[misc]
+            attended = self._attend(q[rows].view(-1, n, *q.shape[1:]), plan, k_cache, v_cache)
+            out[rows] = attended.reshape(-1, *q.shape[1:])
+        return out
+
+    def _plan(self, metadata: AttentionMetadata, device: torch.device) -> list:
+        """Per call: the query rows, and the padded slots and key masks that every layer reuses."""
+        plans = []
         for seq in metadata.prefills:
-            queries = q[seq.start : seq.end].unsqueeze(0)
-            out[seq.start : seq.end] = self._attend(
-                queries, seq.kv_slots.unsqueeze(0), seq.causal_mask.unsqueeze(0), k_cache, v_cache
-            )[0]
+            rows = torch.arange(seq.start, seq.end, device=device)
+            plans.append(((rows, seq.end - seq.start),
+                          self._mask_plan(seq.kv_slots.unsqueeze(0), seq.causal_mask.unsqueeze(0))))
         group = metadata.decodes
         if group is not None:
             longest = group.kv_slots.shape[1]
-            allowed = (torch.arange(longest, device=q.device)[None, :] < group.context_lens[:, None]).unsqueeze(1)
-            out[group.rows] = self._attend(q[group.rows].unsqueeze(1), group.kv_slots, allowed, k_cache, v_cache)[:, 0]
-        return out
+            allowed = (torch.arange(longest, device=device)[None, :] < group.context_lens[:, None]).unsqueeze(1)
+            plans.append(((group.rows, 1), self._mask_plan(group.kv_slots, allowed)))
+        return plans
+
+    def _mask_plan(self, kv_slots: torch.Tensor, allowed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """kv_slots [B, L] and allowed [B, n, L] padded to whole tiles and to invariant row counts."""
+        rows = allowed.shape[1] * self.group
+        padded_rows = invariant_rows(rows)
+        allowed = allowed.repeat_interleave(self.group, dim=1)  # rows are (token, head in group), token-major
+        allowed = pad_rows(allowed, padded_rows, dim=1)
+        allowed[:, rows:, 0] = True  # padding rows see key 0, so that they stay finite
+        padded_length = -(-kv_slots.shape[1] // self.KEY_TILE) * self.KEY_TILE
+        kv_slots = pad_rows(kv_slots, padded_length, dim=1)
+        return kv_slots, pad_rows(allowed, padded_length, dim=2).unsqueeze(1), padded_rows
 
     def _attend(
         self,
         queries: torch.Tensor,  # [B, n, heads, head_dim]
-        kv_slots: torch.Tensor,  # [B, L]
-        allowed: torch.Tensor,  # [B, n, L] which keys each query sees
+        plan: tuple[torch.Tensor, torch.Tensor, int],
         k_cache: torch.Tensor,
         v_cache: torch.Tensor,
     ) -> torch.Tensor:
+        kv_slots, allowed, padded_rows = plan
         batch, n, _, head_dim = queries.shape
         kv_heads, group, tile = self.num_kv_heads, self.group, self.KEY_TILE
         rows = n * group
-        padded_rows = invariant_rows(rows)
-        # Rows of one KV head: (token, head in its group), token-major; padded into the invariant class.
         q_rows = queries.view(batch, n, kv_heads, group, head_dim).permute(0, 2, 1, 3, 4)
         q_rows = pad_rows(q_rows.reshape(batch, kv_heads, rows, head_dim), padded_rows, dim=2)
-        allowed = allowed.repeat_interleave(group, dim=1)  # [B, rows, L]
-        allowed = pad_rows(allowed, padded_rows, dim=1)
-        allowed[:, rows:, 0] = True  # padding rows see key 0, so that they stay finite
-        length = kv_slots.shape[1]
-        padded_length = -(-length // tile) * tile
-        kv_slots = pad_rows(kv_slots, padded_length, dim=1)
-        allowed = pad_rows(allowed, padded_length, dim=2).unsqueeze(1)  # [B, 1, rows, L]
-
         running_max = q_rows.new_full((batch, kv_heads, padded_rows), float("-inf"))
         running_sum = q_rows.new_zeros((batch, kv_heads, padded_rows))
         acc = q_rows.new_zeros((batch, kv_heads, padded_rows, head_dim))
-        for start in range(0, padded_length, tile):
+        for start in range(0, kv_slots.shape[1], tile):
             slots = kv_slots[:, start : start + tile]
             keys = k_cache[slots].permute(0, 2, 3, 1)  # [B, kv_heads, head_dim, tile]
             values = v_cache[slots].permute(0, 2, 1, 3)  # [B, kv_heads, tile, head_dim]

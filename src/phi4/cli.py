@@ -41,6 +41,7 @@ def _serve(args: argparse.Namespace) -> int:
         max_num_batched_tokens=args.max_num_batched_tokens,
         gpu_memory_utilization=args.gpu_memory_utilization,
         enable_prefix_caching=not args.no_prefix_caching,
+        batch_invariant=not args.no_batch_invariance,
     )
     serve(ServeOptions(
         model=args.model, host=args.host, port=args.port, served_model_name=args.served_model_name,
@@ -71,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-queue", type=int, default=1024, help="waiting requests beyond this get 429")
     serve.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     serve.add_argument("--no-prefix-caching", action="store_true")
+    serve.add_argument("--no-batch-invariance", action="store_true",
+                       help="fastest kernels; a request's output may then change with the load")
     serve.add_argument("--device", default="auto")
     serve.add_argument("--dtype", default="auto")
     serve.set_defaults(handler=_serve)

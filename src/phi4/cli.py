@@ -51,6 +51,46 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval(args: argparse.Namespace) -> int:
+    import asyncio
+    import contextlib
+    import random
+
+    from phi4.eval.endpoint import OpenAIChatEndpoint, local_server
+    from phi4.eval.runner import evaluate
+    from phi4.eval.tasks import TASKS, DataMissingError
+
+    task = TASKS[args.bench]
+    try:
+        samples = task.load(Path(args.data) if args.data else None)
+    except DataMissingError as exc:
+        print(f"phi4 eval: {exc}", file=sys.stderr)
+        return 2
+    if args.limit is not None and args.limit < len(samples):
+        samples = random.Random(0).sample(samples, args.limit)  # simple-evals' fixed subset
+    with contextlib.ExitStack() as stack:
+        if args.base_url:
+            base_url = args.base_url
+        else:
+            base_url = stack.enter_context(local_server(args.model or "demo", args.max_model_len))
+        endpoint = OpenAIChatEndpoint(base_url, args.api_key or os.environ.get("OPENAI_API_KEY"), args.served_model)
+
+        async def run():  # type: ignore[no-untyped-def]
+            try:
+                return await evaluate(task, endpoint, samples, repeats=args.repeats, concurrency=args.concurrency,
+                                      temperature=args.temperature, max_tokens=args.max_tokens,
+                                      output=Path(args.output) if args.output else None)
+            finally:
+                await endpoint.close()
+
+        summary = asyncio.run(run())
+    print(summary.table())
+    print(json.dumps({"benchmark": task.name, "samples": summary.num_samples, "repeats": summary.repeats,
+                      "score": round(summary.score, 2), "stderr": round(summary.stderr, 2),
+                      "published": task.published, **{f"pass@{k}": round(v, 2) for k, v in summary.pass_at_k.items()}}))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="phi4", description="Inference for Microsoft's Phi-4 family")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -77,6 +117,22 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--device", default="auto")
     serve.add_argument("--dtype", default="auto")
     serve.set_defaults(handler=_serve)
+
+    evaluate = commands.add_parser("eval", help="MMLU, GPQA, MATH or HumanEval against an OpenAI-compatible endpoint")
+    evaluate.add_argument("bench", choices=["mmlu", "gpqa", "math", "humaneval"])
+    evaluate.add_argument("--base-url", help="an OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1")
+    evaluate.add_argument("--api-key", help="its key (default: $OPENAI_API_KEY)")
+    evaluate.add_argument("--served-model", help="the model name to send (default: the endpoint's first model)")
+    evaluate.add_argument("--model", help="without --base-url: serve this model (ID, DIR or demo) for the run")
+    evaluate.add_argument("--max-model-len", type=int, default=None, help="with --model")
+    evaluate.add_argument("--data", help="the benchmark's data file or directory (see the error message)")
+    evaluate.add_argument("--limit", type=int, default=None, help="a fixed random subset of this many samples")
+    evaluate.add_argument("--concurrency", type=int, default=8)
+    evaluate.add_argument("--repeats", type=int, default=1, help="answers per sample (pass@k for HumanEval)")
+    evaluate.add_argument("--temperature", type=float, default=0.5)
+    evaluate.add_argument("--max-tokens", type=int, default=None)
+    evaluate.add_argument("--output", help="JSON lines of every answer; a re-run resumes from it")
+    evaluate.set_defaults(handler=_eval)
 
     generate = commands.add_parser("generate", help="complete one prompt offline and print JSON")
     generate.add_argument("prompt")

@@ -177,12 +177,18 @@ def test_results_are_written_as_they_come_and_a_rerun_resumes(data: dict[str, Pa
     assert endpoint.calls == 2 and summary.score == 100.0
 
 
-def test_missing_data_is_one_clear_message(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+def test_missing_data_is_one_clear_message(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     for bench, hint in (("mmlu", "_test.csv"), ("gpqa", "gpqa_diamond.csv"), ("math", "MATH/test")):
         assert cli_main(["eval", bench, "--data", str(tmp_path / "nowhere"), "--base-url", "http://127.0.0.1:9"]) == 2
         assert hint in capsys.readouterr().err
-    assert cli_main(["eval", "mmlu", "--base-url", "http://127.0.0.1:9"]) == 2
-    assert "--data" in capsys.readouterr().err
+    start = time.monotonic()
+    assert cli_main(["eval", "math", "--base-url", "http://127.0.0.1:9"]) == 2  # no --data: the Hub, offline here
+    error = capsys.readouterr().err
+    assert "--data" in error and "HuggingFaceH4/MATH-500" in error and time.monotonic() - start < 30
 
 
 # The sandbox: hostile completions cannot hurt the host.

@@ -60,17 +60,49 @@ class Task:
     score: Callable[[Sample, str], dict[str, Any]]
 
 
-def _require(path: Path | None, help_text: str) -> Path:
-    if path is None or not path.exists():
-        where = f"{path} does not exist. " if path is not None else ""
-        raise DataMissingError(f"{where}{help_text}")
-    return path
+# Where each data set's public release sits on the Hugging Face Hub, used when --data is not given.
+HUB_FILES = {
+    "mmlu": ("cais/mmlu", "all/test-00000-of-00001.parquet"),
+    "gpqa": ("Idavidrein/gpqa", "gpqa_diamond.csv"),
+    "math": ("HuggingFaceH4/MATH-500", "test.jsonl"),
+}
+
+
+def _require(path: Path | None, help_text: str, hub_key: str | None = None) -> Path:
+    if path is not None:
+        if not path.exists():
+            raise DataMissingError(f"{path} does not exist. {help_text}")
+        return path
+    if hub_key is None:
+        raise DataMissingError(help_text)
+    repo, filename = HUB_FILES[hub_key]
+    try:
+        from huggingface_hub import hf_hub_download
+
+        return Path(hf_hub_download(repo, filename, repo_type="dataset", etag_timeout=10))
+    except Exception as exc:  # offline, gated (GPQA needs an accepted licence and HF_TOKEN), or moved
+        raise DataMissingError(
+            f"{help_text} (Without --data it tried the Hugging Face Hub, {repo}/{filename}: {type(exc).__name__}.)"
+        ) from exc
+
+
+def _mmlu_parquet_rows(path: Path) -> list[list[str]]:
+    try:
+        import pyarrow.parquet as parquet
+    except ImportError as exc:
+        raise DataMissingError(f"{path} is parquet; install pyarrow to read it, or pass --data. {MMLU_HELP}") from exc
+    table = parquet.read_table(path).to_pylist()
+    return [[r["question"], *r["choices"], "ABCD"[r["answer"]], r.get("subject", "mmlu")] for r in table]
 
 
 # MMLU
 
 def load_mmlu(path: Path | None) -> list[Sample]:
-    path = _require(path, MMLU_HELP)
+    path = _require(path, MMLU_HELP, "mmlu")
+    if path.suffix == ".parquet":  # the Hub's cais/mmlu: question, subject, choices, answer (an index)
+        return [Sample(f"{row[6]}/{n}", MULTICHOICE_TEMPLATE.format(question=row[0], a=row[1], b=row[2], c=row[3],
+                                                                     d=row[4]), row[5])
+                for n, row in enumerate(_mmlu_parquet_rows(path))]
     files = sorted(path.glob("*_test.csv")) if path.is_dir() else [path]
     if not files:
         raise DataMissingError(f"{path} holds no *_test.csv files. {MMLU_HELP}")
@@ -110,7 +142,7 @@ MMLU_HELP = (
 
 
 def load_gpqa(path: Path | None) -> list[Sample]:
-    path = _require(path, GPQA_HELP)
+    path = _require(path, GPQA_HELP, "gpqa")
     with path.open(newline="", encoding="utf-8") as handle:
         rows = list(csv.DictReader(handle))
     needed = ("Question", "Correct Answer", "Incorrect Answer 1", "Incorrect Answer 2", "Incorrect Answer 3")
@@ -137,7 +169,7 @@ GPQA_HELP = (
 
 
 def load_math(path: Path | None) -> list[Sample]:
-    path = _require(path, MATH_HELP)
+    path = _require(path, MATH_HELP, "math")
     records: list[tuple[str, str, str]] = []
     if path.is_dir():  # Hendrycks' release: MATH/test/<subject>/<n>.json with problem and solution
         for file in sorted(path.rglob("*.json")):

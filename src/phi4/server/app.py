@@ -137,19 +137,18 @@ def create_app(loading: LoadingState, max_body_bytes: int = 8 << 20) -> FastAPI:
         return StreamingResponse(result, media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
-    async def chat_completions(request: Request) -> Response:
+    async def generation(request: Request, body_type: type[BaseModel], create: Callable[..., Awaitable[Any]]) -> Response:
         state = loading.get()
-        body = await parse_body(request, ChatCompletionRequest)
+        body = await parse_body(request, body_type)
         state.check_model(body.model)
         state.check_queue()
-        return await respond(await create_chat_completion(state, body))
+        return await respond(await create(state, body))
+
+    async def chat_completions(request: Request) -> Response:
+        return await generation(request, ChatCompletionRequest, create_chat_completion)
 
     async def completions(request: Request) -> Response:
-        state = loading.get()
-        body = await parse_body(request, CompletionRequest)
-        state.check_model(body.model)
-        state.check_queue()
-        return await respond(await create_completion(state, body))
+        return await generation(request, CompletionRequest, create_completion)
 
     async def models() -> dict[str, Any]:
         state = loading.get()

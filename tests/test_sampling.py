@@ -13,7 +13,7 @@ PROBS = [0.5, 0.3, 0.15, 0.05]
 
 
 def row(seed: int = 0, prompt: tuple[int, ...] = (), output: tuple[int, ...] = (), **params: object) -> SamplingRow:
-    return SamplingRow(SamplingParams(**params), seed, prompt, output)  # type: ignore[arg-type]
+    return SamplingRow(SamplingParams(**params), seed, [*prompt, *output], len(prompt))  # type: ignore[arg-type]
 
 
 def draw_counts(logits: torch.Tensor, n: int, **params: object) -> Counter:

@@ -49,10 +49,6 @@ class Sequence:
         return len(self.token_ids) - len(self.prompt_token_ids)
 
     @property
-    def output_token_ids(self) -> list[int]:
-        return self.token_ids[len(self.prompt_token_ids) :]
-
-    @property
     def finished(self) -> bool:
         return self.status is SequenceStatus.FINISHED
 

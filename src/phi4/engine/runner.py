@@ -81,7 +81,7 @@ class ModelRunner:
             return SampleResult([], [])
         logits = self.model.compute_logits(hidden[torch.tensor(sample_rows, device=device)])
         rows = [
-            SamplingRow(item.seq.params, item.seq.seed, item.seq.prompt_token_ids, item.seq.output_token_ids)
+            SamplingRow(item.seq.params, item.seq.seed, item.seq.token_ids, item.seq.num_prompt_tokens)
             for item in scheduled
             if item.samples
         ]

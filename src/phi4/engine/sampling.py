@@ -34,8 +34,13 @@ def mix_seed(seed: int, position: int) -> int:
 class SamplingRow:
     params: SamplingParams
     seed: int
-    prompt_token_ids: Sequence[int]
-    output_token_ids: Sequence[int]  # its length is the position of the token being sampled
+    token_ids: Sequence[int]  # the request's prompt and output so far (not copied: read only for penalties)
+    num_prompt_tokens: int
+
+    @property
+    def position(self) -> int:
+        """Index of the token being sampled among the request's outputs."""
+        return len(self.token_ids) - self.num_prompt_tokens
 
 
 @dataclass(frozen=True)
@@ -88,8 +93,8 @@ def _apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Ten
 
 def _token_counts(rows: list[SamplingRow], vocab_size: int, device: torch.device, include_prompt: bool) -> torch.Tensor:
     """[B, vocab] how often each token occurs in each row's output (and prompt): one scatter-add."""
-    per_row = [torch.tensor(list(row.output_token_ids) + (list(row.prompt_token_ids) if include_prompt else []),
-                            dtype=torch.long) for row in rows]
+    per_row = [torch.tensor(row.token_ids[0 if include_prompt else row.num_prompt_tokens :], dtype=torch.long)
+               for row in rows]
     lengths = torch.tensor([len(t) for t in per_row])
     row_index = torch.repeat_interleave(torch.arange(len(rows)), lengths).to(device)
     counts = torch.zeros(len(rows), vocab_size, device=device)
@@ -110,7 +115,7 @@ def _draw(logits: torch.Tensor, greedy: torch.Tensor, rows: list[SamplingRow]) -
         probs = probs.masked_fill(probs < min_p * probs.max(dim=-1, keepdim=True).values, 0.0)
     # Inverse-CDF sampling with one uniform per row, drawn from (seed, position): the row's cumulative sum
     # is a sequential scan of its own probabilities, so nothing else in the batch can change the draw.
-    uniform = torch.tensor([_uniform(row.seed, len(row.output_token_ids)) for row in rows],
+    uniform = torch.tensor([_uniform(row.seed, row.position) for row in rows],
                            dtype=torch.float64, device=device)
     cdf = probs.double().cumsum(dim=-1)
     target = (uniform * cdf[:, -1]).unsqueeze(1)

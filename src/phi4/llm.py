@@ -45,7 +45,7 @@ class LLM:
         texts: dict[str, list[str]] = {rid: [] for rid in request_ids}
         logprobs: dict[str, list[TokenLogprob]] = {rid: [] for rid in request_ids}
         final: dict[str, RequestOutput] = {}
-        for output in self._drain():
+        for output in self._drain(request_ids):
             tokens[output.request_id].extend(output.new_token_ids)
             texts[output.request_id].append(output.new_text)
             logprobs[output.request_id].extend(output.new_logprobs)
@@ -67,7 +67,7 @@ class LLM:
         """Yield each request's new tokens and text as every engine step produces them."""
         request_ids = self._add_all(_as_prompt_list(prompts), params)
         try:
-            yield from self._drain()
+            yield from self._drain(request_ids)
         finally:  # the consumer stopped early: free what is still running
             for rid in request_ids:
                 self.engine.abort_request(rid)
@@ -103,9 +103,15 @@ class LLM:
             raise
         return added
 
-    def _drain(self) -> Iterator[RequestOutput]:
-        while self.engine.has_unfinished_requests():
-            yield from self.engine.step()
+    def _drain(self, request_ids: list[str]) -> Iterator[RequestOutput]:
+        """Step the engine until these requests finish, yielding their outputs."""
+        pending = set(request_ids)
+        while pending:
+            for output in self.engine.step():
+                if output.request_id in pending:
+                    if output.finished:
+                        pending.discard(output.request_id)
+                    yield output
 
 
 def _as_prompt_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:

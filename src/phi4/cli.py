@@ -91,6 +91,20 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from phi4 import LLM
+    from phi4.bench import run_offline
+
+    llm = LLM(args.model, device=args.device, dtype=args.dtype, batch_invariant=not args.no_batch_invariance,
+              enable_prefix_caching=False, max_num_seqs=max(256, max(args.num_seqs)),
+              max_num_batched_tokens=max(2048, args.max_num_batched_tokens))
+    for num_seqs in args.num_seqs:
+        for _ in range(args.repeats):
+            figures = run_offline(llm, args.prompt_len, args.output_len, num_seqs, ignore_eos=args.ignore_eos)
+            print(json.dumps({"figure": "offline", "model": args.model, **figures}), flush=True)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="phi4", description="Inference for Microsoft's Phi-4 family")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -133,6 +147,20 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--max-tokens", type=int, default=None)
     evaluate.add_argument("--output", help="JSON lines of every answer; a re-run resumes from it")
     evaluate.set_defaults(handler=_eval)
+
+    bench = commands.add_parser("bench", help="offline engine throughput and latency, as JSON lines")
+    bench.add_argument("--model", default="demo")
+    bench.add_argument("--prompt-len", type=int, default=512)
+    bench.add_argument("--output-len", type=int, default=256)
+    bench.add_argument("--num-seqs", type=int, nargs="+", default=[1], help="one or more batch sizes")
+    bench.add_argument("--ignore-eos", action=argparse.BooleanOptionalAction, default=True,
+                       help="always generate --output-len tokens (default: on)")
+    bench.add_argument("--repeats", type=int, default=1)
+    bench.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    bench.add_argument("--no-batch-invariance", action="store_true")
+    bench.add_argument("--device", default="auto")
+    bench.add_argument("--dtype", default="auto")
+    bench.set_defaults(handler=_bench)
 
     generate = commands.add_parser("generate", help="complete one prompt offline and print JSON")
     generate.add_argument("prompt")

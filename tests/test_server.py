@@ -351,3 +351,13 @@ def test_a_full_queue_answers_429_with_retry_after(demo_dir: Path) -> None:
         assert limited.headers["retry-after"] and limited.json()["error"]["type"] == "rate_limit_error"
     finally:
         busy.stop()
+
+
+def test_a_model_that_cannot_load_ends_the_server_with_the_reason(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "phi4.cli", "serve", "--model", str(tmp_path / "missing-checkpoint"),
+         "--port", str(free_port())],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 1
+    assert "could not load" in result.stderr and "missing-checkpoint" in result.stderr

@@ -43,12 +43,11 @@ def _serve(args: argparse.Namespace) -> int:
         enable_prefix_caching=not args.no_prefix_caching,
         batch_invariant=not args.no_batch_invariance,
     )
-    serve(ServeOptions(
+    return serve(ServeOptions(
         model=args.model, host=args.host, port=args.port, served_model_name=args.served_model_name,
         api_key=args.api_key or os.environ.get("PHI4_API_KEY") or None, max_queue=args.max_queue,
         device=args.device, dtype=args.dtype, engine=engine,
     ))
-    return 0
 
 
 def _eval(args: argparse.Namespace) -> int:

@@ -75,8 +75,11 @@ async def parse_body(request: Request, model: type[BaseModel]) -> Any:
 class LoadingState:
     """The server answers (503) while the model loads in the background; then it serves."""
 
-    def __init__(self, load: Callable[[], ServerState]) -> None:
+    def __init__(
+        self, load: Callable[[], ServerState], on_failure: Callable[[BaseException], None] | None = None
+    ) -> None:
         self._load = load
+        self._on_failure = on_failure
         self.state: ServerState | None = None
         self.error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="phi4-load", daemon=True)
@@ -90,8 +93,10 @@ class LoadingState:
     def _run(self) -> None:
         try:
             self.state = self._load()
-        except BaseException as exc:  # reported by /health and every request
+        except BaseException as exc:  # reported by /health and every request, and to the owner
             self.error = exc
+            if self._on_failure is not None:
+                self._on_failure(exc)
 
     def get(self) -> ServerState:
         if self.state is None:

@@ -38,16 +38,24 @@ def load_state(options: ServeOptions) -> ServerState:
     return ServerState(AsyncEngine(engine), options.served_model_name, options.api_key, options.max_queue)
 
 
-def serve(options: ServeOptions) -> None:
+def serve(options: ServeOptions) -> int:
+    """Serve until a signal; the exit status is 1 when the model could not be loaded."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    loading = LoadingState(lambda: load_state(options))
-    app = create_app(loading)
-    config = uvicorn.Config(app, host=options.host, port=options.port, log_level="info", access_log=False,
+    config = uvicorn.Config(None, host=options.host, port=options.port, log_level="info", access_log=False,
                             timeout_graceful_shutdown=options.graceful_shutdown_seconds)
+    server = uvicorn.Server(config)
+
+    def give_up(error: BaseException) -> None:
+        logger.error("could not load %s: %s", options.model, error)
+        server.should_exit = True  # a server that can never answer should not pretend to
+
+    loading = LoadingState(lambda: load_state(options), on_failure=give_up)
+    config.app = create_app(loading)
     loading.start()
     try:
         # uvicorn stops accepting on SIGINT/SIGTERM and lets requests in flight finish (up to the timeout).
-        uvicorn.Server(config).run()
+        server.run()
     finally:
         if loading.state is not None:
             loading.state.engine.shutdown()
+    return 1 if loading.error is not None else 0

@@ -29,6 +29,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     logit_bias: dict[int, float] = field(default_factory=dict)
     logprobs: int | None = None  # None: no logprobs; k: the chosen token's and the k most likely
+    grammar: str | None = None  # an llguidance grammar (phi4.structured.grammars) every token must follow
     skip_special_tokens: bool = True
 
     def __post_init__(self) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import secrets
 from pathlib import Path
 
+import llguidance
 import torch
 
 from phi4.config import EngineConfig, ModelConfig
@@ -16,6 +17,8 @@ from phi4.engine.scheduler import Scheduler
 from phi4.errors import ContextLengthExceededError, InvalidRequestError
 from phi4.model.loader import load_model
 from phi4.sampling_params import SamplingParams
+from phi4.structured import grammars
+from phi4.structured.constraint import ClosingTiers, GrammarConstraint
 from phi4.tokenizer import IncrementalDetokenizer, Tokenizer
 
 
@@ -66,7 +69,9 @@ class LLMEngine:
         self.scheduler = Scheduler(
             self.block_manager, engine_config.max_num_seqs, engine_config.max_num_batched_tokens, self._cache_salt
         )
-        self.runner = ModelRunner(self.model, num_blocks, block_size)
+        self.runner = ModelRunner(self.model, num_blocks, block_size, self.max_model_len)
+        self.checkpoint = checkpoint
+        self._grammar_tokenizer: llguidance.LLTokenizer | None = None
         self._sequences: dict[str, Sequence] = {}
         self._next_request_id = 0
 
@@ -105,10 +110,22 @@ class LLMEngine:
             params=params,
             seed=params.seed if params.seed is not None else secrets.randbits(63),
             detokenizer=IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens),
+            constraint=GrammarConstraint.compile(self.grammar_tokenizer, params.grammar) if params.grammar else None,
         )
         self._sequences[request_id] = seq
         self.scheduler.add(seq)
         return request_id
+
+    @property
+    def grammar_tokenizer(self) -> llguidance.LLTokenizer:
+        """llguidance's view of the vocabulary, built on the first request with a grammar (about 0.5 s)."""
+        if self._grammar_tokenizer is None:
+            self._grammar_tokenizer = llguidance.LLTokenizer(
+                str(self.checkpoint / "tokenizer.json"), n_vocab=self.model_config.vocab_size,
+                eos_token=sorted(self.eos_token_ids),
+            )
+            self.runner.closing_tiers = ClosingTiers(self.tokenizer.token_bytes, self.model_config.vocab_size)
+        return self._grammar_tokenizer
 
     def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
         """Raise the typed error that `add_request` would raise for this request, without adding it."""
@@ -123,6 +140,8 @@ class LLMEngine:
             raise InvalidRequestError(f"logit_bias token ids must be in [0, {vocab_size})", "logit_bias")
         if any(not 0 <= t < vocab_size for t in params.stop_token_ids):
             raise InvalidRequestError(f"stop token ids must be in [0, {vocab_size})", "stop_token_ids")
+        if params.grammar is not None:
+            grammars.check(params.grammar, self.grammar_tokenizer, "grammar")
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
         seq = self._sequences.pop(request_id, None)
@@ -151,9 +170,11 @@ class LLMEngine:
         outputs = []
         for seq, token, logprob in zip(sampling, result.token_ids, result.logprobs, strict=True):
             seq.token_ids.append(token)
+            if seq.constraint is not None:
+                seq.constraint.consume(token)
             reason = self._stop_reason(seq, token)
             # The EOS or stop token that ends a request is counted but never shown as text.
-            if reason != "stop":
+            if not (reason == "stop" and (token in seq.params.stop_token_ids or token in self.eos_token_ids)):
                 seq.text += seq.detokenizer.push([token])
             if reason is not None:
                 seq.text += seq.detokenizer.flush()
@@ -176,6 +197,8 @@ class LLMEngine:
         params = seq.params
         if token in params.stop_token_ids or (not params.ignore_eos and token in self.eos_token_ids):
             return "stop"
+        if seq.constraint is not None and (seq.constraint.finished or token in self.eos_token_ids):
+            return "stop"  # the grammar is complete (EOS under a grammar always ends it)
         if params.max_tokens is not None and seq.num_output_tokens >= params.max_tokens:
             return "length"
         if seq.num_tokens >= self.max_model_len:

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from phi4.engine.sampling import TokenLogprob
 from phi4.sampling_params import SamplingParams
+from phi4.structured.constraint import GrammarConstraint
 from phi4.tokenizer import IncrementalDetokenizer
 
 
@@ -28,6 +29,7 @@ class Sequence:
     num_computed_tokens: int = 0
     block_table: list[int] = field(default_factory=list)
     num_hashed_blocks: int = 0
+    constraint: GrammarConstraint | None = None
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: str | None = None
     text: str = ""  # the visible text so far, cut before a stop string once one appears

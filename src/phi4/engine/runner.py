@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from concurrent.futures import Future, ThreadPoolExecutor
+
 import torch
 
 from phi4.config import ModelConfig
@@ -10,6 +12,7 @@ from phi4.engine.sampling import SampleResult, SamplingRow, sample
 from phi4.engine.scheduler import ScheduledSequence
 from phi4.model.attention import AttentionMetadata
 from phi4.model.phi3 import Phi3ForCausalLM
+from phi4.structured.constraint import CLOSING_TOKENS, ClosingTiers, allowed_tokens
 
 
 def kv_bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
@@ -30,10 +33,14 @@ def uses_long_rope(config: ModelConfig, seq: Sequence, position: int) -> bool:
 
 
 class ModelRunner:
-    def __init__(self, model: Phi3ForCausalLM, num_blocks: int, block_size: int) -> None:
+    def __init__(self, model: Phi3ForCausalLM, num_blocks: int, block_size: int, max_model_len: int) -> None:
         self.model = model
         self.config = model.config
         self.block_size = block_size
+        self.max_model_len = max_model_len
+        self.closing_tiers: ClosingTiers | None = None  # set by the engine once a request has a grammar
+        # Grammar masks are computed on this thread while the model runs (llguidance releases the GIL).
+        self._mask_worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="phi4-masks")
         weight = model.model.embed_tokens.weight
         self.device, self.dtype = weight.device, weight.dtype
         config = self.config
@@ -66,6 +73,10 @@ class ModelRunner:
             if item.samples:
                 sample_rows.append(len(input_ids) - 1)
         device = self.device
+        sampling = [item.seq for item in scheduled if item.samples]
+        masks: Future[torch.Tensor | None] | None = None
+        if any(seq.constraint is not None for seq in sampling):
+            masks = self._mask_worker.submit(self._grammar_masks, sampling)
         metadata = AttentionMetadata.build(
             slot_mapping=torch.tensor(slots, device=device),
             query_lens=[item.num_new_tokens for item in scheduled],
@@ -80,9 +91,18 @@ class ModelRunner:
         if not sample_rows:
             return SampleResult([], [])
         logits = self.model.compute_logits(hidden[torch.tensor(sample_rows, device=device)])
-        rows = [
-            SamplingRow(item.seq.params, item.seq.seed, item.seq.token_ids, item.seq.num_prompt_tokens)
-            for item in scheduled
-            if item.samples
-        ]
-        return sample(logits, rows)
+        rows = [SamplingRow(seq.params, seq.seed, seq.token_ids, seq.num_prompt_tokens) for seq in sampling]
+        return sample(logits, rows, masks.result() if masks is not None else None)
+
+    def _grammar_masks(self, sampling: list[Sequence]) -> torch.Tensor | None:
+        assert self.closing_tiers is not None
+        closing = [self._tokens_left(seq) <= CLOSING_TOKENS for seq in sampling]
+        return allowed_tokens([seq.constraint for seq in sampling], closing, self.config.vocab_size,
+                              self.closing_tiers, self.device)
+
+    def _tokens_left(self, seq: Sequence) -> int:
+        """How many tokens the sequence may still generate, this one included."""
+        left = self.max_model_len - seq.num_tokens
+        if seq.params.max_tokens is not None:
+            left = min(left, seq.params.max_tokens - seq.num_output_tokens)
+        return left

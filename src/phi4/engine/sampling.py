@@ -56,10 +56,13 @@ class SampleResult:
     logprobs: list[TokenLogprob | None]  # None for rows that did not ask for logprobs
 
 
-def sample(logits: torch.Tensor, rows: list[SamplingRow]) -> SampleResult:
-    """Next token per row of `logits` [B, V] (float32). Temperature 0 is argmax, ties to the lowest id."""
+def sample(logits: torch.Tensor, rows: list[SamplingRow], allowed: torch.Tensor | None = None) -> SampleResult:
+    """Next token per row of `logits` [B, V] (float32). Temperature 0 is argmax, ties to the lowest id.
+    `allowed` [B, V] (grammar masks) bans every token it marks False."""
     raw = logits
     logits = _apply_penalties(logits, rows)
+    if allowed is not None:
+        logits = logits.masked_fill(~allowed, float("-inf"))
     greedy = logits.argmax(dim=-1)
     if all(row.params.temperature == 0.0 for row in rows):
         chosen = greedy

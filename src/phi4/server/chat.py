@@ -9,7 +9,8 @@ from typing import Any
 
 from phi4.server.errors import APIError, as_api_error
 from phi4.server.generation import (
-    ChoiceRun, ChoiceState, chat_logprobs, check_context, choice_seed, sampling_params, usage,
+    ChoiceRun, ChoiceState, chat_logprobs, check_context, choice_seed, constrained, output_grammar, sampling_params,
+    usage,
 )
 from phi4.server.protocol import ChatCompletionRequest
 from phi4.server.state import ServerState
@@ -28,9 +29,7 @@ def render_messages(state: ServerState, request: ChatCompletionRequest) -> list[
 
 
 def validate_unsupported(request: ChatCompletionRequest) -> None:
-    # Accepted and validated by the protocol; enforcing them is the structured-output work still to come.
-    if request.response_format is not None and request.response_format.type != "text":
-        raise APIError(400, "response_format json_object/json_schema is not supported yet", param="response_format")
+    # Accepted and validated by the protocol; enforcing tool calls is work still to come.
     if request.tools and request.tool_choice not in (None, "none"):
         raise APIError(400, "tool calling is not supported yet; pass tool_choice 'none'", param="tool_choice")
 
@@ -46,7 +45,9 @@ async def create_chat_completion(
     logprobs = top if request.logprobs else None
     if request.top_logprobs is not None and not request.logprobs:
         raise APIError(400, "top_logprobs requires logprobs to be true", param="top_logprobs")
-    params = [sampling_params(request, max_tokens, logprobs, choice_seed(request.seed, i)) for i in range(request.n)]
+    grammar = output_grammar(request, state.engine.engine.grammar_tokenizer) if constrained(request) else None
+    params = [sampling_params(request, max_tokens, logprobs, choice_seed(request.seed, i), grammar)
+              for i in range(request.n)]
     request_id = state.engine.new_request_id("chatcmpl")
     run = ChoiceRun(state.engine, state.metrics, request_id)
     choices = [ChoiceState(i, prompt) for i in range(request.n)]

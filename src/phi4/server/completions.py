@@ -9,7 +9,8 @@ from typing import Any
 
 from phi4.server.errors import APIError, as_api_error
 from phi4.server.generation import (
-    ChoiceRun, ChoiceState, check_context, choice_seed, completion_logprobs, sampling_params, usage,
+    ChoiceRun, ChoiceState, check_context, choice_seed, completion_logprobs, constrained, output_grammar,
+    sampling_params, usage,
 )
 from phi4.server.protocol import CompletionRequest
 from phi4.server.state import ServerState
@@ -33,7 +34,8 @@ async def create_completion(state: ServerState, request: CompletionRequest) -> d
     for prompt in prompts:
         check_context(len(prompt), request.max_tokens, state.max_model_len)
     n = request.n
-    params = [sampling_params(request, request.max_tokens, request.logprobs, choice_seed(request.seed, j))
+    grammar = output_grammar(request, state.engine.engine.grammar_tokenizer) if constrained(request) else None
+    params = [sampling_params(request, request.max_tokens, request.logprobs, choice_seed(request.seed, j), grammar)
               for _ in prompts for j in range(n)]
     choices = [ChoiceState(i * n + j, prompt) for i, prompt in enumerate(prompts) for j in range(n)]
     request_id = state.engine.new_request_id("cmpl")

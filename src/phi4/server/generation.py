@@ -9,18 +9,54 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import llguidance
+
 from phi4.engine.async_engine import AsyncEngine
 from phi4.engine.request import RequestOutput
 from phi4.engine.sampling import TokenLogprob
-from phi4.errors import ContextLengthExceededError
+from phi4.errors import ContextLengthExceededError, InvalidRequestError
 from phi4.sampling_params import SamplingParams
 from phi4.server.metrics import Metrics
+from phi4.structured import grammars
 from phi4.server.protocol import SamplingFields
 from phi4.tokenizer import Tokenizer
 
 
+def constrained(request: SamplingFields) -> bool:
+    format_ = request.response_format
+    return (format_ is not None and format_.type != "text") or request.structured_outputs is not None
+
+
+def output_grammar(request: SamplingFields, tokenizer: llguidance.LLTokenizer) -> str | None:
+    """The grammar that `response_format` or `structured_outputs` asks for, compiled and checked."""
+    response_format = request.response_format
+    spec = request.structured_outputs
+    wants_format = response_format is not None and response_format.type != "text"
+    if wants_format and spec is not None:
+        raise InvalidRequestError("give response_format or structured_outputs, not both", "structured_outputs")
+    param = "response_format" if wants_format else "structured_outputs"
+    try:
+        if response_format is not None and response_format.type == "json_object":
+            grammar = grammars.json_object_grammar()
+        elif response_format is not None and response_format.type == "json_schema":
+            if response_format.json_schema is None or response_format.json_schema.schema_ is None:
+                raise InvalidRequestError("json_schema needs a schema", "response_format.json_schema")
+            grammar = grammars.json_schema_grammar(response_format.json_schema.schema_)
+        elif spec is not None:
+            grammar = grammars.from_structured_outputs(spec.model_dump(by_alias=True))
+        else:
+            return None
+    except InvalidRequestError:
+        raise
+    except Exception as exc:  # llguidance's own complaint about the schema, regex or grammar
+        raise InvalidRequestError(f"the {param} cannot be compiled: {exc}", param) from exc
+    grammars.check(grammar, tokenizer, param)
+    return grammar
+
+
 def sampling_params(
-    request: SamplingFields, max_tokens: int | None, logprobs: int | None, seed: int | None
+    request: SamplingFields, max_tokens: int | None, logprobs: int | None, seed: int | None,
+    grammar: str | None = None,
 ) -> SamplingParams:
     return SamplingParams(
         temperature=1.0 if request.temperature is None else float(request.temperature),
@@ -36,6 +72,7 @@ def sampling_params(
         logit_bias={int(k): float(v) for k, v in (request.logit_bias or {}).items()},
         logprobs=logprobs,
         ignore_eos=request.ignore_eos,
+        grammar=grammar,
     )
 
 

@@ -82,6 +82,15 @@ class ResponseFormat(_Body):
     json_schema: JsonSchemaFormat | None = None
 
 
+class StructuredOutputs(_Body):
+    """vLLM's extension: exactly one of these constrains the output."""
+
+    choice: list[StrictStr] | None = None
+    regex: StrictStr | None = None
+    grammar: StrictStr | None = None  # Lark, as llguidance reads it
+    json_: Union[dict[str, Any], StrictStr, None] = Field(default=None, alias="json")
+
+
 class SamplingFields(_Body):
     """Parameters shared by chat and text completions."""
 
@@ -99,6 +108,8 @@ class SamplingFields(_Body):
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
     # Extensions, named as vLLM names them.
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None
     top_k: StrictInt | None = Field(default=None, ge=-1)
     min_p: Number | None = Field(default=None, ge=0, le=1)
     repetition_penalty: Number | None = Field(default=None, gt=0, le=2)
@@ -130,7 +141,6 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: StrictInt | None = Field(default=None, ge=1)
     logprobs: StrictBool = False
     top_logprobs: StrictInt | None = Field(default=None, ge=0, le=20)
-    response_format: ResponseFormat | None = None
     tools: list[Tool] | None = None
     tool_choice: Union[Literal["none", "auto", "required"], NamedToolChoice, None] = None
     parallel_tool_calls: StrictBool | None = None

@@ -1,0 +1,1 @@
+"""Structured outputs: grammars (llguidance) that every sampled token must follow."""

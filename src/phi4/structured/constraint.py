@@ -1,0 +1,89 @@
+"""Per-sequence grammar state, and the next-token masks of a batch.
+
+A model can ramble inside a JSON string or number for as long as it likes, and a model with random
+weights always does: the output would hit its token budget half-written. So when few tokens are left
+(`CLOSING_TOKENS`), the mask narrows, among what the grammar allows, to tokens that close what is open
+(`"`, `}`, `]`), else to separators (`,`, `:`), else to short values (one digit, `true`, `false`, `null`),
+and only when the grammar allows none of those, to all it allows. The grammar still decides what is valid; the narrowing
+only chooses the shortest way out, so a request that claims a format gets it, complete.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import llguidance
+import torch
+
+CLOSING_TOKENS = 48
+_CLOSERS = re.compile(r'^\s*["\]}]+\s*$')
+_SEPARATORS = re.compile(r"^\s*[,:]\s*$")
+_SHORT_VALUES = re.compile(r"^\s*(?:[0-9]|true|false|null)\s*$")
+
+
+@dataclass
+class GrammarConstraint:
+    matcher: llguidance.LLMatcher
+    finished: bool = field(default=False)
+
+    @classmethod
+    def compile(cls, tokenizer: llguidance.LLTokenizer, grammar: str) -> GrammarConstraint:
+        return cls(llguidance.LLMatcher(tokenizer, grammar))
+
+    def fill(self, bitmask_row: torch.Tensor) -> None:
+        self.matcher.unsafe_compute_mask_ptr(bitmask_row.data_ptr(), bitmask_row.numel() * 4)
+
+    def consume(self, token: int) -> None:
+        """Advance past the sampled token; the grammar is done once it accepts nothing more."""
+        if not self.matcher.consume_token(token):
+            raise RuntimeError(f"the grammar refused token {token}: {self.matcher.get_error()}")
+        self.finished = self.matcher.is_stopped()
+
+
+class ClosingTiers:
+    """Token-id masks, per tier, of the tokens that end structures soonest."""
+
+    def __init__(self, token_bytes: list[bytes], vocab_size: int) -> None:
+        patterns = (_CLOSERS, _SEPARATORS, _SHORT_VALUES)
+        self.tiers = [torch.zeros(vocab_size, dtype=torch.bool) for _ in patterns]
+        for token_id, raw in enumerate(token_bytes[:vocab_size]):
+            text = raw.decode("utf-8", "replace")
+            for tier, pattern in zip(self.tiers, patterns):
+                if pattern.match(text):
+                    tier[token_id] = True
+                    break
+
+    def narrow(self, allowed: torch.Tensor) -> torch.Tensor:
+        """allowed [V] -> the first tier's share of it that is not empty, else allowed itself."""
+        for tier in self.tiers:
+            narrowed = allowed & tier
+            if bool(narrowed.any()):
+                return narrowed
+        return allowed
+
+
+def allowed_tokens(
+    constraints: list[GrammarConstraint | None],
+    closing: list[bool],
+    vocab_size: int,
+    tiers: ClosingTiers,
+    device: torch.device,
+) -> torch.Tensor | None:
+    """[B, V] bool of the tokens each row may take (all True for unconstrained rows), or None if no row is
+    constrained. Masks are computed on the CPU by llguidance and applied on the logits' device."""
+    rows = [i for i, c in enumerate(constraints) if c is not None]
+    if not rows:
+        return None
+    words = (vocab_size + 31) // 32
+    bitmask = torch.full((len(rows), words), -1, dtype=torch.int32)
+    for slot, row in enumerate(rows):
+        constraints[row].fill(bitmask[slot])  # type: ignore[union-attr]
+    shifts = torch.arange(32, dtype=torch.int32)
+    bits = ((bitmask.unsqueeze(-1) >> shifts) & 1).bool().view(len(rows), -1)[:, :vocab_size]
+    allowed = torch.ones(len(constraints), vocab_size, dtype=torch.bool)
+    allowed[rows] = bits
+    for row in rows:
+        if closing[row]:
+            allowed[row] = tiers.narrow(allowed[row])
+    return allowed.to(device)

@@ -2,9 +2,10 @@
 
 A model can ramble inside a JSON string or number for as long as it likes, and a model with random
 weights always does: the output would hit its token budget half-written. So when few tokens are left
-(`CLOSING_TOKENS`), the mask narrows, among what the grammar allows, to tokens that close what is open
-(`"`, `}`, `]`), else to separators (`,`, `:`), else to short values (one digit, `true`, `false`, `null`),
-and only when the grammar allows none of those, to all it allows. The grammar still decides what is valid; the narrowing
+(`CLOSING_TOKENS`), the mask narrows, among what the grammar allows, to the first non-empty tier of
+tokens that close what is open (`"`, `}`, `]`), separate (`,`, `:`), end an address part (`@`, `.`) or
+are short values (one digit, `true`, `false`, `null`), in an order that depends on whether the grammar
+is inside free text; only when none is allowed, to all it allows. The grammar still decides what is valid; the narrowing
 only chooses the shortest way out, so a request that claims a format gets it, complete.
 """
 
@@ -17,9 +18,17 @@ import llguidance
 import torch
 
 CLOSING_TOKENS = 48
-_CLOSERS = re.compile(r'^\s*["\]}]+\s*$')
-_SEPARATORS = re.compile(r"^\s*[,:]\s*$")
-_SHORT_VALUES = re.compile(r"^\s*(?:[0-9]|true|false|null)\s*$")
+_PATTERNS = {
+    "quote_and_close": re.compile(r'^"[\]}]+$'),  # ends a string and the structures around it
+    "quote": re.compile(r'^"$'),
+    "close": re.compile(r"^\s*[\]}]+\s*$"),
+    "separator": re.compile(r"^\s*[,:]\s*$"),
+    "joiner": re.compile(r"^[@.]$"),  # ends the open part of an e-mail address or a host name
+    "short_value": re.compile(r"^\s*(?:[0-9]|true|false|null)\s*$"),
+}
+# Inside free text `}` is just a character, so there the quote comes first; outside it, closing brackets.
+_IN_TEXT_ORDER = ("quote_and_close", "quote", "joiner", "close", "separator", "short_value")
+_STRUCTURE_ORDER = ("quote_and_close", "close", "separator", "short_value", "quote", "joiner")
 
 
 @dataclass
@@ -42,22 +51,26 @@ class GrammarConstraint:
 
 
 class ClosingTiers:
-    """Token-id masks, per tier, of the tokens that end structures soonest."""
+    """Token-id masks of the tokens that end structures soonest, tried in order."""
 
     def __init__(self, token_bytes: list[bytes], vocab_size: int) -> None:
-        patterns = (_CLOSERS, _SEPARATORS, _SHORT_VALUES)
-        self.tiers = [torch.zeros(vocab_size, dtype=torch.bool) for _ in patterns]
+        self.masks = {name: torch.zeros(vocab_size, dtype=torch.bool) for name in _PATTERNS}
+        letters = torch.zeros(vocab_size, dtype=torch.bool)
         for token_id, raw in enumerate(token_bytes[:vocab_size]):
             text = raw.decode("utf-8", "replace")
-            for tier, pattern in zip(self.tiers, patterns):
+            for name, pattern in _PATTERNS.items():
                 if pattern.match(text):
-                    tier[token_id] = True
+                    self.masks[name][token_id] = True
                     break
+            if len(text) == 1 and text.isalpha():
+                letters[token_id] = True
+        self.letters = letters
 
     def narrow(self, allowed: torch.Tensor) -> torch.Tensor:
         """allowed [V] -> the first tier's share of it that is not empty, else allowed itself."""
-        for tier in self.tiers:
-            narrowed = allowed & tier
+        order = _IN_TEXT_ORDER if bool((allowed & self.letters).any()) else _STRUCTURE_ORDER
+        for name in order:
+            narrowed = allowed & self.masks[name]
             if bool(narrowed.any()):
                 return narrowed
         return allowed

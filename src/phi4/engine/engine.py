@@ -124,7 +124,8 @@ class LLMEngine:
                 str(self.checkpoint / "tokenizer.json"), n_vocab=self.model_config.vocab_size,
                 eos_token=sorted(self.eos_token_ids),
             )
-            self.runner.closing_tiers = ClosingTiers(self.tokenizer.token_bytes, self.model_config.vocab_size)
+            self.runner.closing_tiers = ClosingTiers(self.tokenizer.token_bytes, self.model_config.vocab_size,
+                                                     self.eos_token_ids)
         return self._grammar_tokenizer
 
     def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:

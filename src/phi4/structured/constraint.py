@@ -27,8 +27,9 @@ _PATTERNS = {
     "short_value": re.compile(r"^\s*(?:[0-9]|true|false|null)\s*$"),
 }
 # Inside free text `}` is just a character, so there the quote comes first; outside it, closing brackets.
-_IN_TEXT_ORDER = ("quote_and_close", "quote", "joiner", "close", "separator", "short_value")
-_STRUCTURE_ORDER = ("quote_and_close", "close", "separator", "short_value", "quote", "joiner")
+# Ending the output (EOS, once the grammar accepts) beats everything.
+_IN_TEXT_ORDER = ("end", "quote_and_close", "quote", "joiner", "close", "separator", "short_value")
+_STRUCTURE_ORDER = ("end", "quote_and_close", "close", "separator", "short_value", "quote", "joiner")
 
 
 @dataclass
@@ -53,8 +54,9 @@ class GrammarConstraint:
 class ClosingTiers:
     """Token-id masks of the tokens that end structures soonest, tried in order."""
 
-    def __init__(self, token_bytes: list[bytes], vocab_size: int) -> None:
-        self.masks = {name: torch.zeros(vocab_size, dtype=torch.bool) for name in _PATTERNS}
+    def __init__(self, token_bytes: list[bytes], vocab_size: int, eos_token_ids: frozenset[int]) -> None:
+        self.masks = {name: torch.zeros(vocab_size, dtype=torch.bool) for name in (*_PATTERNS, "end")}
+        self.masks["end"][sorted(eos_token_ids)] = True
         letters = torch.zeros(vocab_size, dtype=torch.bool)
         for token_id, raw in enumerate(token_bytes[:vocab_size]):
             text = raw.decode("utf-8", "replace")

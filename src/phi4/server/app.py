@@ -14,7 +14,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from pydantic import BaseModel, ValidationError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from phi4.server.chat import create_chat_completion, render_messages
+from phi4.server.chat import create_chat_completion, prompt_token_ids
 from phi4.server.completions import create_completion
 from phi4.server.errors import APIError, as_api_error, validation_error
 from phi4.server.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
@@ -169,7 +169,7 @@ def create_app(loading: LoadingState, max_body_bytes: int = 8 << 20) -> FastAPI:
         if (body.prompt is None) == (body.messages is None):
             raise APIError(400, "give exactly one of prompt and messages", param="prompt")
         if body.messages is not None:
-            tokens = render_messages(state, ChatCompletionRequest(model=state.served_model_name,
+            tokens = prompt_token_ids(state, ChatCompletionRequest(model=state.served_model_name,
                                                                   messages=body.messages))
         else:
             tokens = state.tokenizer.encode(body.prompt or "")

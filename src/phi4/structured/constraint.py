@@ -19,17 +19,18 @@ import torch
 
 CLOSING_TOKENS = 48
 _PATTERNS = {
-    "quote_and_close": re.compile(r'^"[\]}]+$'),  # ends a string and the structures around it
-    "quote": re.compile(r'^"$'),
-    "close": re.compile(r"^\s*[\]}]+\s*$"),
-    "separator": re.compile(r"^\s*[,:]\s*$"),
-    "joiner": re.compile(r"^[@.]$"),  # ends the open part of an e-mail address or a host name
-    "short_value": re.compile(r"^\s*(?:[0-9]|true|false|null)\s*$"),
+    "quote_and_close": re.compile(r'^"[\]}]+\Z'),  # ends a string and the structures around it
+    "quote": re.compile(r'^"\Z'),
+    "close": re.compile(r"^[\]}>]+\Z"),  # `>` ends a tag such as </tool_call>
+    "close_spaced": re.compile(r"^\s*[\]}]+\s*\Z"),
+    "separator": re.compile(r"^\s*[,:]\s*\Z"),
+    "joiner": re.compile(r"^[@.]\Z"),  # ends the open part of an e-mail address or a host name
+    "short_value": re.compile(r"^\s*(?:[0-9]|true|false|null)\s*\Z"),
 }
 # Inside free text `}` is just a character, so there the quote comes first; outside it, closing brackets.
 # Ending the output (EOS, once the grammar accepts) beats everything.
-_IN_TEXT_ORDER = ("end", "quote_and_close", "quote", "joiner", "close", "separator", "short_value")
-_STRUCTURE_ORDER = ("end", "quote_and_close", "close", "separator", "short_value", "quote", "joiner")
+_IN_TEXT_ORDER = ("end", "quote_and_close", "quote", "joiner", "close", "close_spaced", "separator", "short_value")
+_STRUCTURE_ORDER = ("end", "quote_and_close", "close", "close_spaced", "separator", "short_value", "quote", "joiner")
 
 
 @dataclass

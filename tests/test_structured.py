@@ -17,7 +17,7 @@ from structured_corpus import SCHEMAS
 from test_server import API_KEY, MODEL, Server
 
 MESSAGES = [{"role": "user", "content": "Reply in the requested format."}]
-SEEDS = (1, 2)
+SEEDS = (1, 2, 3)
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,6 @@ from phi4 import LLM, SamplingParams
 
 def decode_tokens_per_second(llm: LLM, prompts: list[list[int]], new_tokens: int) -> float:
     params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
-    start = time.perf_counter()
     first: dict[str, float] = {}
     for output in llm.stream(prompts, params):
         first.setdefault(output.request_id, time.perf_counter())

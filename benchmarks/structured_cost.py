@@ -50,7 +50,6 @@ def decode_tokens_per_second(llm: LLM, grammar: str | None, sequences: int = 16,
     params = [SamplingParams(temperature=1.0, seed=s, max_tokens=new_tokens, grammar=grammar,
                              ignore_eos=grammar is None) for s in range(sequences)]
     prompts = [f"Request {s}: answer as JSON." for s in range(sequences)]
-    start = time.perf_counter()
     first: dict[str, float] = {}
     generated = 0
     for output in llm.stream(prompts, params):

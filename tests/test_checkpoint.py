@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from phi4 import LLM, CheckpointError, ModelNotFoundError, SamplingParams
 from phi4.cli import main as cli_main
-from phi4.demo import cache_dir, demo_checkpoint_path
+from phi4.demo import cache_dir
 from phi4.model.loader import load_model, resolve_checkpoint
 
 HF_FILES = {"config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
+import openai
 import pytest
 import torch
+
+from live_server import API_KEY, Server
 
 from phi4.demo import random_phi3_weights, reference_config, write_checkpoint
 
@@ -103,3 +107,19 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def server(demo_dir: Path) -> Iterator[Server]:
+    """One live `phi4 serve --model demo` for every test module that talks HTTP; SIGTERM at the end."""
+    instance = Server()
+    try:
+        instance.wait_ready()
+        yield instance
+    finally:
+        instance.stop()
+
+
+@pytest.fixture(scope="session")
+def client(server: Server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key=API_KEY, max_retries=0)

@@ -6,33 +6,16 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import re
-from collections.abc import Iterator
-from pathlib import Path
 
 import jsonschema
 import openai
 import pytest
 
+from live_server import MODEL, Server
 from structured_corpus import SCHEMAS
-from test_server import API_KEY, MODEL, Server
 
 MESSAGES = [{"role": "user", "content": "Reply in the requested format."}]
 SEEDS = (1, 2, 3)
-
-
-@pytest.fixture(scope="module")
-def server(demo_dir: Path) -> Iterator[Server]:
-    instance = Server()
-    try:
-        instance.wait_ready()
-        yield instance
-    finally:
-        instance.stop()
-
-
-@pytest.fixture(scope="module")
-def client(server: Server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{server.url}/v1", api_key=API_KEY, max_retries=0)
 
 
 def schema_format(name: str, schema: dict, strict: bool) -> dict:

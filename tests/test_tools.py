@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import jsonschema
 import openai
 import pytest
 
+from live_server import MODEL, Server
 from phi4.tokenizer import Tokenizer
-from test_server import API_KEY, MODEL, Server
 
 WEATHER = {"type": "object", "properties": {"city": {"type": "string"}, "unit": {"enum": ["celsius", "fahrenheit"]}},
            "required": ["city"], "additionalProperties": False}
@@ -22,21 +21,6 @@ TOOLS = [
 ]
 SCHEMAS = {"get_weather": WEATHER, "add": ADD}
 MESSAGES = [{"role": "user", "content": "What is the weather in Paris?"}]
-
-
-@pytest.fixture(scope="module")
-def server(demo_dir: Path) -> Iterator[Server]:
-    instance = Server()
-    try:
-        instance.wait_ready()
-        yield instance
-    finally:
-        instance.stop()
-
-
-@pytest.fixture(scope="module")
-def client(server: Server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{server.url}/v1", api_key=API_KEY, max_retries=0)
 
 
 def call(client: openai.OpenAI, stream: bool, **kwargs: object) -> tuple[str | None, list[tuple[str, str]], str]:

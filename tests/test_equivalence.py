@@ -8,7 +8,6 @@ the reference's greedy tokens.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import pytest
@@ -16,9 +15,6 @@ import torch
 
 from conftest import PROMPTS, load_reference, reference_greedy
 from phi4 import LLM, SamplingParams
-from phi4.engine.request import Sequence
-from phi4.model.attention import AttentionMetadata
-from phi4.tokenizer import IncrementalDetokenizer
 
 NEW_TOKENS = 64
 EXTRA_PROMPTS = [
@@ -44,26 +40,12 @@ def case(request: pytest.FixtureRequest) -> dict:
             "prompts": prompts, "expected": expected}
 
 
-def phi4_prompt_logits(llm: LLM, prompt_ids: list[int]) -> torch.Tensor:
-    """Logits at every prompt position, from one prefill through the engine's model and KV cache."""
-    engine = llm.engine
-    size = engine.block_manager.block_size
-    seq = Sequence("probe", prompt_ids, GREEDY, 0, IncrementalDetokenizer(llm.tokenizer))
-    seq.block_table = list(range(math.ceil(len(prompt_ids) / size)))  # a fresh engine: every block is free
-    slots = [seq.block_table[p // size] * size + p % size for p in range(len(prompt_ids))]
-    metadata = AttentionMetadata.build(torch.tensor(slots), [len(prompt_ids)], [seq.block_table],
-                                       [len(prompt_ids)], size, torch.device("cpu"))
-    rows = torch.tensor([engine.runner.rope_row(seq, p) for p in range(len(prompt_ids))])
-    hidden = engine.model.forward(torch.tensor(prompt_ids), rows, engine.runner.kv_caches, metadata)
-    return engine.model.compute_logits(hidden)
-
-
 def test_prefill_logits_match_reference(case: dict) -> None:
     fresh = LLM(str(case["dir"]), device="cpu", dtype="float32")
     for ids in case["prompts"]:
         with torch.no_grad():
             expected = case["reference"](torch.tensor([ids])).logits[0].float()
-        actual = phi4_prompt_logits(fresh, ids)
+        actual = fresh.engine.prompt_logits(ids)
         relative = (actual - expected).abs().max() / expected.abs().max()
         assert relative < 1e-4, f"{case['name']}: prompt of {len(ids)} tokens differs by {relative:.2e} (relative)"
 

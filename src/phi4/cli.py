@@ -42,6 +42,7 @@ def _serve(args: argparse.Namespace) -> int:
         gpu_memory_utilization=args.gpu_memory_utilization,
         enable_prefix_caching=not args.no_prefix_caching,
         batch_invariant=not args.no_batch_invariance,
+        quantization=args.quantization,
     )
     return serve(ServeOptions(
         model=args.model, host=args.host, port=args.port, served_model_name=args.served_model_name,
@@ -95,12 +96,13 @@ def _bench(args: argparse.Namespace) -> int:
     from phi4.bench import run_offline
 
     llm = LLM(args.model, device=args.device, dtype=args.dtype, batch_invariant=not args.no_batch_invariance,
-              enable_prefix_caching=False, max_num_seqs=max(256, max(args.num_seqs)),
+              quantization=args.quantization, enable_prefix_caching=False, max_num_seqs=max(256, max(args.num_seqs)),
               max_num_batched_tokens=max(2048, args.max_num_batched_tokens))
     for num_seqs in args.num_seqs:
         for _ in range(args.repeats):
             figures = run_offline(llm, args.prompt_len, args.output_len, num_seqs, ignore_eos=args.ignore_eos)
-            print(json.dumps({"figure": "offline", "model": args.model, **figures}), flush=True)
+            print(json.dumps({"figure": "offline", "model": args.model, "quantization": args.quantization, **figures}),
+                  flush=True)
     return 0
 
 
@@ -127,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--no-prefix-caching", action="store_true")
     serve.add_argument("--no-batch-invariance", action="store_true",
                        help="fastest kernels; a request's output may then change with the load")
+    serve.add_argument("--quantization", choices=["fp8"], default=None, help="float8 weights (per-channel scales)")
     serve.add_argument("--device", default="auto")
     serve.add_argument("--dtype", default="auto")
     serve.set_defaults(handler=_serve)
@@ -157,6 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--repeats", type=int, default=1)
     bench.add_argument("--max-num-batched-tokens", type=int, default=2048)
     bench.add_argument("--no-batch-invariance", action="store_true")
+    bench.add_argument("--quantization", choices=["fp8"], default=None)
     bench.add_argument("--device", default="auto")
     bench.add_argument("--dtype", default="auto")
     bench.set_defaults(handler=_bench)

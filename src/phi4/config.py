@@ -173,3 +173,4 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     # Every token computed in an order independent of the batch: same seed, same output under any load.
     batch_invariant: bool = True
+    quantization: str | None = None  # "fp8": float8 weights with per-channel scales (model/fp8.py)

@@ -15,6 +15,7 @@ from phi4.engine.runner import ModelRunner, kv_bytes_per_block
 from phi4.engine.sampling import TokenLogprob
 from phi4.engine.scheduler import Scheduler
 from phi4.errors import ContextLengthExceededError, InvalidRequestError
+from phi4.model.attention import AttentionMetadata
 from phi4.model.loader import load_model
 from phi4.sampling_params import SamplingParams
 from phi4.structured import grammars
@@ -52,7 +53,8 @@ class LLMEngine:
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         self.tokenizer = Tokenizer(checkpoint)
-        self.model = load_model(checkpoint, self.device, self.dtype, engine_config.batch_invariant)
+        self.model = load_model(checkpoint, self.device, self.dtype, engine_config.batch_invariant,
+                                engine_config.quantization)
         self.model_config: ModelConfig = self.model.config
         config = self.model_config
         self.max_model_len = min(engine_config.max_model_len or config.max_position_embeddings,
@@ -143,6 +145,30 @@ class LLMEngine:
             raise InvalidRequestError(f"stop token ids must be in [0, {vocab_size})", "stop_token_ids")
         if params.grammar is not None:
             grammars.check(params.grammar, self.grammar_tokenizer, "grammar")
+
+    @torch.inference_mode()
+    def prompt_logits(self, prompt_ids: list[int]) -> torch.Tensor:
+        """Float32 logits [len(prompt), vocab] at every prompt position, from one prefill: for measuring
+        the model (equivalence, quantization error). It runs outside the scheduler, so only on an idle
+        engine; its blocks come from the allocator and go back to it uncached."""
+        if self.has_unfinished_requests():
+            raise RuntimeError("prompt_logits needs an idle engine")
+        self.validate(prompt_ids, SamplingParams(max_tokens=1))
+        seq = Sequence("prompt-logits", list(prompt_ids), SamplingParams(max_tokens=1), 0,
+                       IncrementalDetokenizer(self.tokenizer))
+        manager, runner = self.block_manager, self.runner
+        manager.reserve(seq, len(prompt_ids))
+        try:
+            size = manager.block_size
+            positions = range(len(prompt_ids))
+            slots = [seq.block_table[p // size] * size + p % size for p in positions]
+            metadata = AttentionMetadata.build(torch.tensor(slots, device=self.device), [len(prompt_ids)],
+                                               [seq.block_table], [len(prompt_ids)], size, self.device)
+            rows = torch.tensor([runner.rope_row(seq, p) for p in positions], device=self.device)
+            hidden = self.model.forward(torch.tensor(prompt_ids, device=self.device), rows, runner.kv_caches, metadata)
+            return self.model.compute_logits(hidden)
+        finally:
+            manager.free(seq)
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
         seq = self._sequences.pop(request_id, None)

@@ -14,6 +14,7 @@ from torch import nn
 from phi4.config import ModelConfig
 from phi4.model import batch_invariant as batch_invariant_ops
 from phi4.model.attention import AttentionMetadata, TiledPagedAttention, TorchPagedAttention
+from phi4.model.fp8 import Fp8Weight, fp8_linear
 from phi4.model.layers import RotaryEmbedding, rms_norm, silu_and_mul
 
 
@@ -31,6 +32,7 @@ class Linear(nn.Module):
     def __init__(self, in_features: int, out_features: int) -> None:
         super().__init__()
         self.weight = _weight(out_features, in_features)
+        self.fp8: Fp8Weight | None = None  # set by prepare(quantization="fp8"), which then drops `weight`
 
 
 class Embedding(nn.Module):
@@ -84,7 +86,7 @@ class Phi3ForCausalLM(nn.Module):
         self._linear = F.linear
         self.batch_invariant = False
 
-    def prepare(self, batch_invariant: bool = True) -> None:
+    def prepare(self, batch_invariant: bool = True, quantization: str | None = None) -> None:
         """Build what depends on the final device and dtype; call once the weights are loaded.
 
         `batch_invariant` computes every token in an order that does not depend on the batch (see
@@ -98,6 +100,14 @@ class Phi3ForCausalLM(nn.Module):
         self._linear = batch_invariant_ops.linear if batch_invariant else F.linear
         attention = TiledPagedAttention if batch_invariant else TorchPagedAttention
         self.attention = attention(config.num_attention_heads, config.num_key_value_heads, config.head_dim)
+        if quantization not in (None, "fp8"):
+            raise ValueError(f"unknown quantization {quantization!r}; phi4 knows fp8")
+        if quantization == "fp8":
+            for layer in self.model.layers:
+                for module in (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj,
+                               layer.mlp.down_proj):
+                    module.fp8 = Fp8Weight.quantize(module.weight)
+                    module.weight = nn.Parameter(module.weight.new_empty(0), requires_grad=False)
         head = embedding if config.tie_word_embeddings else self.lm_head.weight
         self.lm_head_weight = head.detach()  # a plain tensor: not a second registered parameter
         self._lm_head_out_major = head.detach().contiguous()
@@ -109,7 +119,7 @@ class Phi3ForCausalLM(nn.Module):
             # original layout is faster still, so the head keeps both layouts (measured: 100k x 256 head,
             # 4.8 ms at 1 row instead of 12.5; 4-7 ms at 2-8 rows instead of 15-26).
             for module in self.modules():
-                if isinstance(module, Linear):
+                if isinstance(module, Linear) and module.fp8 is None:
                     module.weight = nn.Parameter(module.weight.t().contiguous().t(), requires_grad=False)
             self.lm_head_weight = head.detach().t().contiguous().t()
 
@@ -122,24 +132,29 @@ class Phi3ForCausalLM(nn.Module):
         metadata: AttentionMetadata,
     ) -> torch.Tensor:
         """Final hidden states [T, hidden] (normalised); `compute_logits` turns selected rows into logits."""
-        config, rotary, attention, linear = self.config, self.rotary, self.attention, self._linear
+        config, rotary, attention, project = self.config, self.rotary, self.attention, self._project
         assert rotary is not None and attention is not None, "call prepare() after loading weights"
         eps = config.rms_norm_eps
         num_tokens = input_ids.shape[0]
         hidden = F.embedding(input_ids, self.model.embed_tokens.weight)
         for index, layer in enumerate(self.model.layers):
             attn_in = rms_norm(hidden, layer.input_layernorm.weight, eps)
-            qkv = linear(attn_in, layer.self_attn.qkv_proj.weight)
+            qkv = project(attn_in, layer.self_attn.qkv_proj)
             q, k, v = qkv.split([config.q_size, config.kv_size, config.kv_size], dim=-1)
             q = rotary.apply(q.view(num_tokens, config.num_attention_heads, config.head_dim), rope_rows)
             k = rotary.apply(k.view(num_tokens, config.num_key_value_heads, config.head_dim), rope_rows)
             v = v.view(num_tokens, config.num_key_value_heads, config.head_dim)
             attn = attention.forward(q, k, v, kv_caches[index, 0], kv_caches[index, 1], metadata)
-            hidden = hidden + linear(attn.view(num_tokens, config.q_size), layer.self_attn.o_proj.weight)
+            hidden = hidden + project(attn.view(num_tokens, config.q_size), layer.self_attn.o_proj)
             mlp_in = rms_norm(hidden, layer.post_attention_layernorm.weight, eps)
-            mlp_hidden = silu_and_mul(linear(mlp_in, layer.mlp.gate_up_proj.weight))
-            hidden = hidden + linear(mlp_hidden, layer.mlp.down_proj.weight)
+            mlp_hidden = silu_and_mul(project(mlp_in, layer.mlp.gate_up_proj))
+            hidden = hidden + project(mlp_hidden, layer.mlp.down_proj)
         return rms_norm(hidden, self.model.norm.weight, eps)
+
+    def _project(self, x: torch.Tensor, module: Linear) -> torch.Tensor:
+        if module.fp8 is not None:
+            return fp8_linear(x, module.fp8, self.batch_invariant)
+        return self._linear(x, module.weight)
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -74,6 +74,7 @@ class LLMEngine:
         self.runner = ModelRunner(self.model, num_blocks, block_size, self.max_model_len)
         self.checkpoint = checkpoint
         self._grammar_tokenizer: llguidance.LLTokenizer | None = None
+        self._checked_grammars: set[str] = set()
         self._sequences: dict[str, Sequence] = {}
         self._next_request_id = 0
 
@@ -130,6 +131,17 @@ class LLMEngine:
                                                      self.eos_token_ids)
         return self._grammar_tokenizer
 
+    def _check_grammar(self, grammar: str) -> None:
+        # A request is validated when it is submitted (HTTP thread) and again when it is added (engine
+        # thread), once per choice: compile each distinct grammar once. A plain set, emptied when large,
+        # because both threads touch it and single set operations are atomic.
+        if grammar in self._checked_grammars:
+            return
+        grammars.check(grammar, self.grammar_tokenizer, "grammar")
+        if len(self._checked_grammars) >= 256:
+            self._checked_grammars.clear()
+        self._checked_grammars.add(grammar)
+
     def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
         """Raise the typed error that `add_request` would raise for this request, without adding it."""
         vocab_size = self.model_config.vocab_size
@@ -144,7 +156,7 @@ class LLMEngine:
         if any(not 0 <= t < vocab_size for t in params.stop_token_ids):
             raise InvalidRequestError(f"stop token ids must be in [0, {vocab_size})", "stop_token_ids")
         if params.grammar is not None:
-            grammars.check(params.grammar, self.grammar_tokenizer, "grammar")
+            self._check_grammar(params.grammar)
 
     @torch.inference_mode()
     def prompt_logits(self, prompt_ids: list[int]) -> torch.Tensor:

@@ -67,9 +67,11 @@ class ModelRunner:
             end = start + item.num_new_tokens
             input_ids.extend(seq.token_ids[start:end])
             table = seq.block_table
-            for position in range(start, end):
-                rope_rows.append(self.rope_row(seq, position))
-                slots.append(table[position // size] * size + position % size)
+            slots.extend(table[position // size] * size + position % size for position in range(start, end))
+            if self.config.longrope is None:
+                rope_rows.extend(range(start, end))  # the rotary row is the position itself
+            else:
+                rope_rows.extend(self.rope_row(seq, position) for position in range(start, end))
             if item.samples:
                 sample_rows.append(len(input_ids) - 1)
         device = self.device

@@ -121,7 +121,8 @@ class Phi3ForCausalLM(nn.Module):
             for module in self.modules():
                 if isinstance(module, Linear) and module.fp8 is None:
                     module.weight = nn.Parameter(module.weight.t().contiguous().t(), requires_grad=False)
-            self.lm_head_weight = head.detach().t().contiguous().t()
+            if not batch_invariant:  # the batch-invariant head reads only the original layout
+                self.lm_head_weight = head.detach().t().contiguous().t()
 
     @torch.inference_mode()
     def forward(

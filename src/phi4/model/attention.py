@@ -135,6 +135,10 @@ class TiledPagedAttention:
     and output exactly unchanged; the matrix products see row counts of one equivalence class (see
     batch_invariant) and per-entry shapes that do not depend on how many sequences share the call. So a
     token computes the same bits alone or batched, prefilled whole or in chunks, or decoded.
+
+    Layout: per kv head, the batched products run over sequences, each entry `[rows, head_dim]` with rows =
+    (query, head in group). The mask is an additive bias (0 or -inf) built once per step and folded into
+    the score product by `baddbmm`.
     """
 
     KEY_TILE = 256
@@ -158,29 +162,31 @@ class TiledPagedAttention:
         v_cache[metadata.slot_mapping] = v
         plans = metadata.backend_plans.get("tiled")
         if plans is None:
-            plans = metadata.backend_plans["tiled"] = self._plan(metadata, q.device)
+            plans = metadata.backend_plans["tiled"] = self._plan(metadata, q.device, q.dtype)
         out = torch.empty_like(q)
         for (rows, n), plan in plans:  # type: ignore[misc]
             attended = self._attend(q[rows].view(-1, n, *q.shape[1:]), plan, k_cache, v_cache)
             out[rows] = attended.reshape(-1, *q.shape[1:])
         return out
 
-    def _plan(self, metadata: AttentionMetadata, device: torch.device) -> list:
-        """Per call: the query rows, and the padded slots and key masks that every layer reuses."""
+    def _plan(self, metadata: AttentionMetadata, device: torch.device, dtype: torch.dtype) -> list:
+        """Per call: the query rows, and the tiles of slots and mask biases that every layer reuses."""
         plans = []
         for seq in metadata.prefills:
             rows = torch.arange(seq.start, seq.end, device=device)
             plans.append(((rows, seq.end - seq.start),
-                          self._mask_plan(seq.kv_slots.unsqueeze(0), seq.causal_mask.unsqueeze(0))))
+                          self._tile_plan(seq.kv_slots.unsqueeze(0), seq.causal_mask.unsqueeze(0), dtype)))
         group = metadata.decodes
         if group is not None:
             longest = group.kv_slots.shape[1]
             allowed = (torch.arange(longest, device=device)[None, :] < group.context_lens[:, None]).unsqueeze(1)
-            plans.append(((group.rows, 1), self._mask_plan(group.kv_slots, allowed)))
+            plans.append(((group.rows, 1), self._tile_plan(group.kv_slots, allowed, dtype)))
         return plans
 
-    def _mask_plan(self, kv_slots: torch.Tensor, allowed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """kv_slots [B, L] and allowed [B, n, L] padded to whole tiles and to invariant row counts."""
+    def _tile_plan(
+        self, kv_slots: torch.Tensor, allowed: torch.Tensor, dtype: torch.dtype
+    ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], int]:
+        """kv_slots [B, L] and allowed [B, n, L] cut into key tiles: (slots [B, tile], bias [B, rows, tile])."""
         rows = allowed.shape[1] * self.group
         padded_rows = invariant_rows(rows)
         allowed = allowed.repeat_interleave(self.group, dim=1)  # rows are (token, head in group), token-major
@@ -188,35 +194,52 @@ class TiledPagedAttention:
         allowed[:, rows:, 0] = True  # padding rows see key 0, so that they stay finite
         padded_length = -(-kv_slots.shape[1] // self.KEY_TILE) * self.KEY_TILE
         kv_slots = pad_rows(kv_slots, padded_length, dim=1)
-        return kv_slots, pad_rows(allowed, padded_length, dim=2).unsqueeze(1), padded_rows
+        allowed = pad_rows(allowed, padded_length, dim=2)
+        bias = torch.zeros(allowed.shape, device=allowed.device, dtype=dtype).masked_fill_(~allowed, float("-inf"))
+        tiles = [
+            (kv_slots[:, start : start + self.KEY_TILE], bias[..., start : start + self.KEY_TILE])
+            for start in range(0, padded_length, self.KEY_TILE)
+        ]
+        return tiles, padded_rows
 
     def _attend(
         self,
         queries: torch.Tensor,  # [B, n, heads, head_dim]
-        plan: tuple[torch.Tensor, torch.Tensor, int],
+        plan: tuple[list[tuple[torch.Tensor, torch.Tensor]], int],
         k_cache: torch.Tensor,
         v_cache: torch.Tensor,
     ) -> torch.Tensor:
-        kv_slots, allowed, padded_rows = plan
+        tiles, padded_rows = plan
         batch, n, _, head_dim = queries.shape
-        kv_heads, group, tile = self.num_kv_heads, self.group, self.KEY_TILE
+        kv_heads, group = self.num_kv_heads, self.group
         rows = n * group
-        q_rows = queries.view(batch, n, kv_heads, group, head_dim).permute(0, 2, 1, 3, 4)
-        q_rows = pad_rows(q_rows.reshape(batch, kv_heads, rows, head_dim), padded_rows, dim=2)
-        running_max = q_rows.new_full((batch, kv_heads, padded_rows), float("-inf"))
-        running_sum = q_rows.new_zeros((batch, kv_heads, padded_rows))
-        acc = q_rows.new_zeros((batch, kv_heads, padded_rows, head_dim))
-        for start in range(0, kv_slots.shape[1], tile):
-            slots = kv_slots[:, start : start + tile]
-            keys = k_cache[slots].permute(0, 2, 3, 1)  # [B, kv_heads, head_dim, tile]
-            values = v_cache[slots].permute(0, 2, 1, 3)  # [B, kv_heads, tile, head_dim]
-            scores = torch.matmul(q_rows, keys) * self.scale
-            scores = scores.masked_fill(~allowed[..., start : start + tile], float("-inf"))
-            new_max = torch.maximum(running_max, scores.amax(dim=-1))
+        q_rows = queries.view(batch, n, kv_heads, group, head_dim).permute(2, 0, 1, 3, 4)
+        q_rows = pad_rows(q_rows.reshape(kv_heads, batch, rows, head_dim), padded_rows, dim=2)
+        # Each tile is gathered once as [B, tile, kv_heads, head_dim] (whole cache rows, the fastest gather);
+        # a kv head's keys are then a strided view that the batched product reads without a copy.
+        gathered = [(k_cache[slots], v_cache[slots], bias) for slots, bias in tiles]
+        out = queries.new_empty(batch, n, kv_heads, group, head_dim)
+        for head in range(kv_heads):
+            attended = self._online_softmax(q_rows[head], [(k[:, :, head], v[:, :, head], b) for k, v, b in gathered])
+            out[:, :, head] = attended[:, :rows].view(batch, n, group, head_dim)
+        return out.view(batch, n, kv_heads * group, head_dim)
+
+    def _online_softmax(
+        self, q_rows: torch.Tensor, tiles: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+    ) -> torch.Tensor:
+        """q_rows [B, rows, head_dim] over tiles of (keys, values [B, tile, head_dim], bias [B or 1, rows, tile])."""
+        running_max = running_sum = acc = None
+        for keys, values, bias in tiles:
+            scores = torch.baddbmm(bias, q_rows, keys.transpose(1, 2), alpha=self.scale)
+            tile_max = scores.amax(dim=-1)
+            new_max = tile_max if running_max is None else torch.maximum(running_max, tile_max)
             probs = torch.exp(scores - new_max.unsqueeze(-1))
-            correction = torch.exp(running_max - new_max)
-            running_sum = running_sum * correction + probs.sum(dim=-1)
-            acc = acc * correction.unsqueeze(-1) + torch.matmul(probs, values)
+            if running_max is None:  # the first tile: nothing to rescale
+                running_sum, acc = probs.sum(dim=-1), torch.bmm(probs, values)
+            else:
+                correction = torch.exp(running_max - new_max)
+                running_sum = running_sum * correction + probs.sum(dim=-1)
+                acc = torch.baddbmm(acc * correction.unsqueeze(-1), probs, values)
             running_max = new_max
-        out = (acc / running_sum.unsqueeze(-1))[:, :, :rows]
-        return out.reshape(batch, kv_heads, n, group, head_dim).permute(0, 2, 1, 3, 4).reshape(batch, n, -1, head_dim)
+        assert acc is not None and running_sum is not None
+        return acc / running_sum.unsqueeze(-1)

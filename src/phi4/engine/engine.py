@@ -54,7 +54,7 @@ class LLMEngine:
         self.dtype = resolve_dtype(dtype, self.device)
         self.tokenizer = Tokenizer(checkpoint)
         self.model = load_model(checkpoint, self.device, self.dtype, engine_config.batch_invariant,
-                                engine_config.quantization)
+                                engine_config.quantization, engine_config.attention_backend)
         self.model_config: ModelConfig = self.model.config
         config = self.model_config
         self.max_model_len = min(engine_config.max_model_len or config.max_position_embeddings,

@@ -10,6 +10,7 @@ that results do not depend on the batch, on chunked prefill, or on the prefix ca
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 import torch.nn.functional as F
@@ -39,10 +40,18 @@ class DecodeGroup:
 
 @dataclass
 class AttentionMetadata:
+    """One step's schedule: per sequence, its new tokens (query_lens), its blocks and its context length.
+
+    Backends derive what they need from it once per step and reuse it in every layer: the torch backends
+    the per-sequence slices below (`prefills`, `decodes`), the Triton backend a few index tensors
+    (`backend_plans`).
+    """
+
     slot_mapping: torch.Tensor  # [T] where each new token's K and V are written
-    prefills: list[SequenceSlice]
-    decodes: DecodeGroup | None
-    # What a backend derives once per step and reuses in every layer (masks, padded slot lists).
+    query_lens: list[int]
+    block_tables: list[list[int]]
+    context_lens: list[int]  # keys per sequence, this step's tokens included
+    block_size: int
     backend_plans: dict[str, object] = field(default_factory=dict)
 
     @classmethod
@@ -53,8 +62,27 @@ class AttentionMetadata:
         block_tables: list[list[int]],
         context_lens: list[int],
         block_size: int,
-        device: torch.device,
+        device: torch.device | None = None,
     ) -> AttentionMetadata:
+        if device is not None:
+            slot_mapping = slot_mapping.to(device)
+        return cls(slot_mapping, list(query_lens), block_tables, list(context_lens), block_size)
+
+    @property
+    def device(self) -> torch.device:
+        return self.slot_mapping.device
+
+    @property
+    def prefills(self) -> list[SequenceSlice]:
+        return self._torch_layout[0]
+
+    @property
+    def decodes(self) -> DecodeGroup | None:
+        return self._torch_layout[1]
+
+    @cached_property
+    def _torch_layout(self) -> tuple[list[SequenceSlice], DecodeGroup | None]:
+        device, block_size = self.device, self.block_size
         offsets = torch.arange(block_size, device=device)
 
         def slots_of(blocks: list[int], context_len: int) -> torch.Tensor:
@@ -65,7 +93,7 @@ class AttentionMetadata:
         decode_rows: list[int] = []
         decode_slots: list[torch.Tensor] = []
         start = 0
-        for query_len, blocks, context_len in zip(query_lens, block_tables, context_lens):
+        for query_len, blocks, context_len in zip(self.query_lens, self.block_tables, self.context_lens):
             slots = slots_of(blocks, context_len)
             if query_len == 1:
                 decode_rows.append(start)
@@ -85,7 +113,7 @@ class AttentionMetadata:
             if bool((lengths < longest).any()):
                 key_mask = (torch.arange(longest, device=device)[None, :] < lengths[:, None])[:, None, None, :]
             decodes = DecodeGroup(torch.tensor(decode_rows, device=device), padded, key_mask, lengths)
-        return cls(slot_mapping, prefills, decodes)
+        return prefills, decodes
 
 
 class TorchPagedAttention:

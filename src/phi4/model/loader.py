@@ -73,7 +73,7 @@ def weight_files(directory: Path) -> list[Path]:
 
 def load_model(
     directory: Path, device: torch.device, dtype: torch.dtype, batch_invariant: bool = True,
-    quantization: str | None = None,
+    quantization: str | None = None, attention_backend: str = "auto",
 ) -> Phi3ForCausalLM:
     config = ModelConfig.from_dir(directory)
     with torch.device("meta"):
@@ -100,5 +100,5 @@ def load_model(
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise CheckpointError(f"{directory}: weights missing from the checkpoint: {shown}")
     model.load_state_dict(loaded, assign=True, strict=True)
-    model.prepare(batch_invariant, quantization)
+    model.prepare(batch_invariant, quantization, attention_backend)
     return model.eval()

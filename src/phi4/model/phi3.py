@@ -7,6 +7,8 @@ gate and up.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Union
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -16,6 +18,28 @@ from phi4.model import batch_invariant as batch_invariant_ops
 from phi4.model.attention import AttentionMetadata, TiledPagedAttention, TorchPagedAttention
 from phi4.model.fp8 import Fp8Weight, fp8_linear
 from phi4.model.layers import RotaryEmbedding, rms_norm, silu_and_mul
+
+if TYPE_CHECKING:
+    from phi4.model.triton_attention import TritonPagedAttention
+
+
+AttentionBackend = Union[TorchPagedAttention, TiledPagedAttention, "TritonPagedAttention"]
+
+
+def make_attention(name: str, device: torch.device, batch_invariant: bool, config: ModelConfig) -> AttentionBackend:
+    """auto: the Triton kernels on CUDA (batch-invariant by construction), else tiled or SDPA on CPU."""
+    if name == "auto":
+        name = "triton" if device.type == "cuda" else "tiled" if batch_invariant else "torch"
+    shape = (config.num_attention_heads, config.num_key_value_heads, config.head_dim)
+    if name == "triton":
+        from phi4.model.triton_attention import TritonPagedAttention  # Triton is needed only here
+
+        return TritonPagedAttention(*shape)
+    if name == "tiled":
+        return TiledPagedAttention(*shape)
+    if name == "torch":
+        return TorchPagedAttention(*shape)
+    raise ValueError(f"unknown attention backend {name!r}; use auto, triton, tiled or torch")
 
 
 def _weight(*shape: int) -> nn.Parameter:
@@ -79,14 +103,15 @@ class Phi3ForCausalLM(nn.Module):
         self.model = Phi3Model(config)
         if not config.tie_word_embeddings:
             self.lm_head = Linear(config.hidden_size, config.vocab_size)
-        self.attention: TorchPagedAttention | TiledPagedAttention | None = None
+        self.attention: AttentionBackend | None = None
         self.rotary: RotaryEmbedding | None = None
         self.lm_head_weight: torch.Tensor | None = None
         self._lm_head_out_major: torch.Tensor | None = None
         self._linear = F.linear
         self.batch_invariant = False
 
-    def prepare(self, batch_invariant: bool = True, quantization: str | None = None) -> None:
+    def prepare(self, batch_invariant: bool = True, quantization: str | None = None,
+                attention_backend: str = "auto") -> None:
         """Build what depends on the final device and dtype; call once the weights are loaded.
 
         `batch_invariant` computes every token in an order that does not depend on the batch (see
@@ -98,8 +123,7 @@ class Phi3ForCausalLM(nn.Module):
         self.rotary = RotaryEmbedding(config, embedding.device, embedding.dtype)
         self.batch_invariant = batch_invariant
         self._linear = batch_invariant_ops.linear if batch_invariant else F.linear
-        attention = TiledPagedAttention if batch_invariant else TorchPagedAttention
-        self.attention = attention(config.num_attention_heads, config.num_key_value_heads, config.head_dim)
+        self.attention = make_attention(attention_backend, embedding.device, batch_invariant, config)
         if quantization not in (None, "fp8"):
             raise ValueError(f"unknown quantization {quantization!r}; phi4 knows fp8")
         if quantization == "fp8":

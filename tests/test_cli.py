@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -26,3 +29,17 @@ def test_bench_prints_one_json_line_per_batch_size(demo_dir, capsys: pytest.Capt
         assert line["prefill_tok_s"] > 0 and line["decode_tok_s_total"] > 0 and line["ttft_ms_max"] > 0
         assert line["decode_tok_s_per_seq"] == pytest.approx(line["decode_tok_s_total"] / line["num_seqs"], rel=0.01)
         assert line["peak_memory_bytes"] > 0 and line["batch_invariant"] is True
+
+
+def test_the_gpu_benchmark_runs_end_to_end_on_the_demo_shape(tmp_path: Path) -> None:
+    """benchmarks/gpu_bench.py is run by hand on a lent GPU; on CPU at toy sizes it must still work."""
+    output = tmp_path / "bench.json"
+    script = Path(__file__).parent.parent / "benchmarks" / "gpu_bench.py"
+    subprocess.run([sys.executable, str(script), "--shape", "demo", "--device", "cpu", "--prompt-len", "24",
+                    "--new-tokens", "6", "--batch", "3", "--hf-batch", "2", "--prefill-len", "40",
+                    "--greedy-tokens", "6", "--logit-prompts", "2", "--output", str(output)],
+                   check=True, capture_output=True, text=True, timeout=300)
+    figures = {f["figure"]: f for f in map(json.loads, output.read_text().splitlines())}
+    assert figures["greedy_vs_reference"]["equal"], figures["greedy_vs_reference"]
+    assert figures["summary"]["phi4_bf16_batch1_tok_s"] > 0
+    assert {"hf_decode", "phi4", "phi4_prefill", "phi4_fp8", "fp8_logit_error"} <= set(figures)

@@ -108,3 +108,51 @@ def test_the_engine_on_triton_attention_keeps_the_reference_backends_greedy_toke
                   max_model_len=256, max_num_batched_tokens=32)  # chunked prefill of the 40-token prompt
         results[backend] = [r.token_ids for r in llm.generate(prompts, params)]
     assert results["triton"] == results["torch"]
+
+
+FLOATS = [torch.float32, torch.float16]  # the interpreter cannot do bfloat16 arithmetic; a GPU run adds it
+if torch.cuda.is_available():
+    FLOATS.append(torch.bfloat16)
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_fused_row_kernels_match_the_torch_layers(dtype: torch.dtype) -> None:
+    from phi4.config import ModelConfig
+    from phi4.model import layers, triton_ops
+
+    torch.manual_seed(1)
+    tolerance = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 2e-2, "rtol": 2e-2}
+    x, residual = (torch.randn(5, 96, device=DEVICE).to(dtype) for _ in range(2))
+    weight = torch.rand(96, device=DEVICE).to(dtype) + 0.5
+    for res in (None, residual):
+        expected = layers.add_rms_norm(x, res, weight, 1e-5)
+        actual = triton_ops.add_rms_norm(x, res, weight, 1e-5)
+        torch.testing.assert_close(actual[1], expected[1], atol=0, rtol=0)  # the sum rounds once, like the reference
+        torch.testing.assert_close(actual[0], expected[0], **tolerance)
+    gate_up = torch.randn(3, 2 * 1100, device=DEVICE).to(dtype)  # wider than one block
+    torch.testing.assert_close(triton_ops.silu_and_mul(gate_up), layers.silu_and_mul(gate_up), **tolerance)
+    for partial in (1.0, 0.75):
+        config = ModelConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=1, num_attention_heads=4,
+                             num_key_value_heads=2, head_dim=64, vocab_size=100, max_position_embeddings=64,
+                             rms_norm_eps=1e-5, rope_theta=10000.0, partial_rotary_factor=partial, longrope=None,
+                             tie_word_embeddings=False, torch_dtype="bfloat16", eos_token_ids=())
+        rotary = layers.RotaryEmbedding(config, DEVICE, dtype)
+        q = torch.randn(7, 4, 64, device=DEVICE).to(dtype)
+        rows = torch.tensor([0, 1, 2, 30, 31, 62, 63], device=DEVICE)
+        torch.testing.assert_close(triton_ops.rotary(q, rotary.cos, rotary.sin, rows), rotary.apply(q, rows),
+                                   **tolerance)
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_the_invariant_matmul_is_a_matmul_whose_rows_ignore_the_batch(dtype: torch.dtype) -> None:
+    from phi4.model import triton_ops
+
+    torch.manual_seed(2)
+    weight = torch.randn(200, 96, device=DEVICE).to(dtype)
+    x = torch.randn(70, 96, device=DEVICE).to(dtype)  # more rows than one tile, fewer than two
+    full = triton_ops.matmul(x, weight)
+    tolerance = {"atol": 1e-4, "rtol": 1e-4} if dtype == torch.float32 else {"atol": 5e-2, "rtol": 2e-2}
+    torch.testing.assert_close(full.float(), x.float() @ weight.float().T, **tolerance)
+    for rows in (1, 3, 64):
+        assert torch.equal(triton_ops.matmul(x[:rows], weight), full[:rows])
+    assert torch.equal(triton_ops.matmul(x[66:], weight), full[66:])

@@ -58,16 +58,21 @@ def phi4_tokenizer_json() -> str:
     return json.dumps(tokenizer_json(ranks, added), ensure_ascii=False)
 
 
-def random_phi3_weights(config: dict[str, Any], seed: int = 0) -> dict[str, torch.Tensor]:
-    """Deterministic random weights in the HF Phi3ForCausalLM layout (fused qkv_proj and gate_up_proj)."""
-    generator = torch.Generator().manual_seed(seed)
+def random_phi3_weights(
+    config: dict[str, Any], seed: int = 0, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+) -> dict[str, torch.Tensor]:
+    """Deterministic random weights in the HF Phi3ForCausalLM layout (fused qkv_proj and gate_up_proj).
+
+    On a GPU, a full-size Phi-4 (14B parameters) is drawn there in seconds, in `dtype`.
+    """
+    generator = torch.Generator(device=device).manual_seed(seed)
     hidden, inter = config["hidden_size"], config["intermediate_size"]
     heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
     head_dim = config.get("head_dim") or hidden // heads
     qkv_rows = (heads + 2 * kv_heads) * head_dim
 
     def normal(*shape: int, std: float) -> torch.Tensor:
-        return torch.randn(*shape, generator=generator) * std
+        return torch.randn(*shape, generator=generator, device=device, dtype=dtype).mul_(std)
 
     def norm_weight() -> torch.Tensor:
         return 1.0 + normal(hidden, std=0.1)

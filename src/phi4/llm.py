@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Union
+
+import torch
 
 from phi4.config import EngineConfig
 from phi4.engine.engine import LLMEngine
@@ -25,9 +27,11 @@ class LLM:
     `enable_prefix_caching`, `kv_cache_memory_bytes`, `gpu_memory_utilization`) are EngineConfig's fields.
     """
 
-    def __init__(self, model: str = "demo", device: str = "auto", dtype: str = "auto", **engine_options: Any) -> None:
+    def __init__(self, model: str = "demo", device: str = "auto", dtype: str = "auto",
+                 weights: Mapping[str, torch.Tensor] | None = None, **engine_options: Any) -> None:
         self.checkpoint = resolve_checkpoint(model)
-        self.engine = LLMEngine(self.checkpoint, EngineConfig(**engine_options), device=device, dtype=dtype)
+        self.engine = LLMEngine(self.checkpoint, EngineConfig(**engine_options), device=device, dtype=dtype,
+                                weights=weights)
 
     @property
     def tokenizer(self) -> Tokenizer:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import secrets
+from collections.abc import Mapping
 from pathlib import Path
 
 import llguidance
@@ -49,12 +50,13 @@ class LLMEngine:
         engine_config: EngineConfig = EngineConfig(),
         device: str = "auto",
         dtype: str = "auto",
+        weights: Mapping[str, torch.Tensor] | None = None,
     ) -> None:
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         self.tokenizer = Tokenizer(checkpoint)
         self.model = load_model(checkpoint, self.device, self.dtype, engine_config.batch_invariant,
-                                engine_config.quantization, engine_config.attention_backend)
+                                engine_config.quantization, engine_config.attention_backend, weights)
         self.model_config: ModelConfig = self.model.config
         config = self.model_config
         self.max_model_len = min(engine_config.max_model_len or config.max_position_embeddings,

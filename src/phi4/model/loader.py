@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import json
 import re
 from pathlib import Path
@@ -74,27 +76,39 @@ def weight_files(directory: Path) -> list[Path]:
 def load_model(
     directory: Path, device: torch.device, dtype: torch.dtype, batch_invariant: bool = True,
     quantization: str | None = None, attention_backend: str = "auto",
+    weights: Mapping[str, torch.Tensor] | None = None,
 ) -> Phi3ForCausalLM:
+    """The model in `directory`; `weights`, when given, replace its safetensors files (same names and shapes).
+
+    Tensors already on `device` in `dtype` are used as they are, not copied: a benchmark can build a
+    full-size model once on the GPU and hand the same memory to transformers and to phi4.
+    """
     config = ModelConfig.from_dir(directory)
     with torch.device("meta"):
         model = Phi3ForCausalLM(config)
     expected = {name: tuple(p.shape) for name, p in model.named_parameters()}
     loaded: dict[str, torch.Tensor] = {}
-    for path in weight_files(directory):
-        try:
-            with safe_open(str(path), framework="pt", device="cpu") as handle:
-                for name in handle.keys():
-                    if name not in expected:
-                        continue  # e.g. a tied checkpoint that stores lm_head.weight anyway
-                    tensor = handle.get_tensor(name)
-                    if tuple(tensor.shape) != expected[name]:
-                        raise CheckpointError(
-                            f"{path.name}: {name} has shape {list(tensor.shape)}, "
-                            f"config.json implies {list(expected[name])}"
-                        )
-                    loaded[name] = tensor.to(device=device, dtype=dtype)
-        except (SafetensorError, OSError, json.JSONDecodeError) as exc:
-            raise CheckpointError(f"{path} is not a readable safetensors file: {exc}") from exc
+
+    def take(source: str, name: str, tensor: torch.Tensor) -> None:
+        if name not in expected:
+            return  # e.g. a tied checkpoint that stores lm_head.weight anyway
+        if tuple(tensor.shape) != expected[name]:
+            raise CheckpointError(
+                f"{source}: {name} has shape {list(tensor.shape)}, config.json implies {list(expected[name])}"
+            )
+        loaded[name] = tensor.to(device=device, dtype=dtype)
+
+    if weights is not None:
+        for name, tensor in weights.items():
+            take("weights", name, tensor)
+    else:
+        for path in weight_files(directory):
+            try:
+                with safe_open(str(path), framework="pt", device="cpu") as handle:
+                    for name in handle.keys():
+                        take(path.name, name, handle.get_tensor(name))
+            except (SafetensorError, OSError, json.JSONDecodeError) as exc:
+                raise CheckpointError(f"{path} is not a readable safetensors file: {exc}") from exc
     missing = sorted(set(expected) - set(loaded))
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")

@@ -7,6 +7,7 @@ gate and up.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Union
 
 import torch
@@ -17,7 +18,7 @@ from phi4.config import ModelConfig
 from phi4.model import batch_invariant as batch_invariant_ops
 from phi4.model.attention import AttentionMetadata, TiledPagedAttention, TorchPagedAttention
 from phi4.model.fp8 import Fp8Weight, fp8_linear
-from phi4.model.layers import RotaryEmbedding, rms_norm, silu_and_mul
+from phi4.model.layers import RotaryEmbedding, add_rms_norm, silu_and_mul
 
 if TYPE_CHECKING:
     from phi4.model.triton_attention import TritonPagedAttention
@@ -108,6 +109,9 @@ class Phi3ForCausalLM(nn.Module):
         self.lm_head_weight: torch.Tensor | None = None
         self._lm_head_out_major: torch.Tensor | None = None
         self._linear = F.linear
+        self._add_rms_norm = add_rms_norm
+        self._silu_and_mul = silu_and_mul
+        self._rotate: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = lambda x, rows: x
         self.batch_invariant = False
 
     def prepare(self, batch_invariant: bool = True, quantization: str | None = None,
@@ -123,6 +127,9 @@ class Phi3ForCausalLM(nn.Module):
         self.rotary = RotaryEmbedding(config, embedding.device, embedding.dtype)
         self.batch_invariant = batch_invariant
         self._linear = batch_invariant_ops.linear if batch_invariant else F.linear
+        self._add_rms_norm, self._silu_and_mul, self._rotate = add_rms_norm, silu_and_mul, self.rotary.apply
+        if embedding.device.type == "cuda":
+            self._use_triton_ops(batch_invariant)
         self.attention = make_attention(attention_backend, embedding.device, batch_invariant, config)
         if quantization not in (None, "fp8"):
             raise ValueError(f"unknown quantization {quantization!r}; phi4 knows fp8")
@@ -159,22 +166,33 @@ class Phi3ForCausalLM(nn.Module):
         """Final hidden states [T, hidden] (normalised); `compute_logits` turns selected rows into logits."""
         config, rotary, attention, project = self.config, self.rotary, self.attention, self._project
         assert rotary is not None and attention is not None, "call prepare() after loading weights"
+        norm, rotate = self._add_rms_norm, self._rotate
         eps = config.rms_norm_eps
         num_tokens = input_ids.shape[0]
         hidden = F.embedding(input_ids, self.model.embed_tokens.weight)
+        residual: torch.Tensor | None = None  # the running sum of the residual stream
         for index, layer in enumerate(self.model.layers):
-            attn_in = rms_norm(hidden, layer.input_layernorm.weight, eps)
+            attn_in, residual = norm(hidden, residual, layer.input_layernorm.weight, eps)
             qkv = project(attn_in, layer.self_attn.qkv_proj)
             q, k, v = qkv.split([config.q_size, config.kv_size, config.kv_size], dim=-1)
-            q = rotary.apply(q.view(num_tokens, config.num_attention_heads, config.head_dim), rope_rows)
-            k = rotary.apply(k.view(num_tokens, config.num_key_value_heads, config.head_dim), rope_rows)
-            v = v.view(num_tokens, config.num_key_value_heads, config.head_dim)
+            q = rotate(q.reshape(num_tokens, config.num_attention_heads, config.head_dim), rope_rows)
+            k = rotate(k.reshape(num_tokens, config.num_key_value_heads, config.head_dim), rope_rows)
+            v = v.reshape(num_tokens, config.num_key_value_heads, config.head_dim)
             attn = attention.forward(q, k, v, kv_caches[index, 0], kv_caches[index, 1], metadata)
-            hidden = hidden + project(attn.view(num_tokens, config.q_size), layer.self_attn.o_proj)
-            mlp_in = rms_norm(hidden, layer.post_attention_layernorm.weight, eps)
-            mlp_hidden = silu_and_mul(project(mlp_in, layer.mlp.gate_up_proj))
-            hidden = hidden + project(mlp_hidden, layer.mlp.down_proj)
-        return rms_norm(hidden, self.model.norm.weight, eps)
+            hidden = project(attn.view(num_tokens, config.q_size), layer.self_attn.o_proj)
+            mlp_in, residual = norm(hidden, residual, layer.post_attention_layernorm.weight, eps)
+            hidden = project(self._silu_and_mul(project(mlp_in, layer.mlp.gate_up_proj)), layer.mlp.down_proj)
+        return norm(hidden, residual, self.model.norm.weight, eps)[0]
+
+    def _use_triton_ops(self, batch_invariant: bool) -> None:
+        """On CUDA: fused row-wise kernels, and Triton's batch-invariant matmul unless speed is asked for."""
+        from phi4.model import triton_ops  # Triton is needed only here
+
+        rotary = self.rotary
+        assert rotary is not None
+        self._add_rms_norm, self._silu_and_mul = triton_ops.add_rms_norm, triton_ops.silu_and_mul
+        self._rotate = lambda x, rows: triton_ops.rotary(x, rotary.cos, rotary.sin, rows)
+        self._linear = triton_ops.matmul if batch_invariant else F.linear
 
     def _project(self, x: torch.Tensor, module: Linear) -> torch.Tensor:
         if module.fp8 is not None:
@@ -185,6 +203,8 @@ class Phi3ForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         assert self._lm_head_out_major is not None and self.lm_head_weight is not None
         if self.batch_invariant:
+            if hidden.device.type == "cuda":
+                return self._linear(hidden, self._lm_head_out_major).float()
             return batch_invariant_ops.lm_head(hidden, self._lm_head_out_major).float()
         if hidden.device.type == "cpu" and hidden.shape[0] > 1:
             return torch.mm(self._lm_head_out_major, hidden.t()).t().float()

@@ -89,7 +89,7 @@ def _tile_rows(tile, tile_seq, tile_first, query_lens, context_lens, query_start
     return seq, head_in_group, row_valid, row_pos, query_row, last_key, last_key // SEGMENT + 1
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["max_segments"])
 def _paged_attention_kernel(
     q_ptr, out_ptr, k_cache, v_cache, block_tables, context_lens, query_lens, query_starts, tile_seq, tile_first,
     part_max, part_sum, part_acc,
@@ -138,7 +138,7 @@ def _paged_attention_kernel(
                  out.to(out_ptr.dtype.element_ty), mask=row_valid[:, None])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["max_segments"])
 def _merge_segments_kernel(
     out_ptr, context_lens, query_lens, query_starts, tile_seq, tile_first, part_max, part_sum, part_acc,
     out_token_stride, out_head_stride, max_segments,

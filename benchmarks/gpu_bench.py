@@ -1,0 +1,195 @@
+"""phi4 against transformers `generate` on a full-size Phi-4-shaped checkpoint, in one run on one GPU.
+
+The weights are random (the same bytes and FLOPs as the real model), drawn once on the GPU in bf16 and
+shared by both engines: no download, no 28 GB written to disk. Prints one JSON line per figure and
+writes them all to --output:
+
+- hf_decode: transformers generate, batch 1 and 16, 512-token prompts, 256 new tokens;
+- phi4 (bf16 on a GPU): batch 1, `--batch` concurrent (64), and prefill of a 2,048-token prompt;
+- greedy_vs_reference: phi4's greedy tokens against its torch reference attention backend, 128 tokens;
+- phi4 fp8: batch 1, and the logit error against bf16 (max |d| and mean KL over 100 prompts).
+
+`--quick` keeps the whole run under 6 minutes on an H100. `--shape demo --device cpu` runs the same code
+on the demo shape, as the test suite does. Usage:
+    python benchmarks/gpu_bench.py --quick --output benchmarks/results/gpu_bench_h100.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import random
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from phi4 import LLM, SamplingParams
+from phi4.bench import run_offline
+from phi4.demo import demo_config, random_phi3_weights, reference_config, write_checkpoint
+from phi4.engine.runner import kv_bytes_per_block
+from phi4.config import ModelConfig
+
+TARGETS = {"phi4_bf16_batch1_tok_s": 85, "phi4_fp8_batch1_tok_s": 150, "phi4_bf16_batch64_tok_s": 4000,
+           "phi4_prefill_2048_tok_s": 20000}
+
+
+def emit(figures: list[dict[str, Any]], figure: dict[str, Any]) -> None:
+    figures.append(figure)
+    print(json.dumps(figure), flush=True)
+
+
+def free(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def hf_decode(model: torch.nn.Module, batch: int, prompt_len: int, new_tokens: int, vocab: int,
+              device: torch.device) -> dict[str, Any]:
+    """Output tokens/s of `generate` for a batch of equal-length prompts, prefill timed apart."""
+    rng = random.Random(batch)
+    ids = torch.tensor([[rng.randrange(vocab) for _ in range(prompt_len)] for _ in range(batch)], device=device)
+    kwargs = {"do_sample": False, "eos_token_id": None, "pad_token_id": 0}
+
+    def timed(tokens: int) -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        with torch.no_grad():
+            model.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens, **kwargs)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    timed(2)  # warm-up
+    prefill = timed(1)
+    total = timed(new_tokens)
+    return {"batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens,
+            "decode_tok_s_total": round(batch * (new_tokens - 1) / (total - prefill), 1),
+            "decode_tok_s_per_seq": round((new_tokens - 1) / (total - prefill), 2)}
+
+
+def greedy(llm: LLM, prompt: list[int], tokens: int) -> list[int]:
+    return llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=True))[0].token_ids
+
+
+def logit_error(reference: LLM, quantized: LLM, prompts: list[list[int]]) -> dict[str, Any]:
+    max_delta, kls, agree = 0.0, [], 0
+    for prompt in prompts:
+        ref = reference.engine.prompt_logits(prompt)[-1].float()
+        fp8 = quantized.engine.prompt_logits(prompt)[-1].float()
+        max_delta = max(max_delta, float((ref - fp8).abs().max()))
+        log_p, log_q = torch.log_softmax(ref, -1), torch.log_softmax(fp8, -1)
+        kls.append(float((log_p.exp() * (log_p - log_q)).sum()))
+        agree += int(ref.argmax() == fp8.argmax())
+    return {"prompts": len(prompts), "max_abs_delta": round(max_delta, 4), "mean_kl": round(statistics.fmean(kls), 6),
+            "greedy_agreement": round(agree / len(prompts), 3)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="the standard sizes, under 6 minutes on an H100")
+    parser.add_argument("--shape", choices=["phi-4", "demo"], default="phi-4")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--prompt-len", type=int, default=512)
+    parser.add_argument("--new-tokens", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--hf-batch", type=int, default=16)
+    parser.add_argument("--prefill-len", type=int, default=2048)
+    parser.add_argument("--greedy-tokens", type=int, default=128)
+    parser.add_argument("--logit-prompts", type=int, default=100)
+    parser.add_argument("--skip-hf", action="store_true")
+    parser.add_argument("--skip-fp8", action="store_true")
+    parser.add_argument("--output", type=Path, default=None)
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    config = reference_config("phi-4") if args.shape == "phi-4" else demo_config()
+    figures: list[dict[str, Any]] = []
+    run_info = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                "torch": torch.__version__, "shape": args.shape, "dtype": str(dtype).removeprefix("torch.")}
+    emit(figures, {"figure": "run", **run_info})
+
+    start = time.perf_counter()
+    weights = random_phi3_weights(config, seed=0, device=device, dtype=dtype)
+    emit(figures, {"figure": "weights_drawn", "seconds": round(time.perf_counter() - start, 1),
+                   "parameters": sum(t.numel() for t in weights.values())})
+    with tempfile.TemporaryDirectory() as directory:
+        checkpoint = Path(directory)
+        write_checkpoint(checkpoint, config, {}, dtype=dtype)  # config and tokenizer; the weights stay in memory
+        (checkpoint / "model.safetensors").unlink(missing_ok=True)
+        model_config = ModelConfig.from_dir(checkpoint)
+        vocab = model_config.vocab_size
+        longest = max(args.batch * (args.prompt_len + args.new_tokens), args.prefill_len + 16)
+        blocks = -(-longest // 16) + 64
+        options = {"device": args.device, "weights": weights, "num_kv_blocks": blocks, "enable_prefix_caching": False,
+                   "max_model_len": max(args.prompt_len + args.new_tokens, args.prefill_len) + 16,
+                   "max_num_seqs": max(256, args.batch), "max_num_batched_tokens": max(2048, args.prefill_len)}
+        emit(figures, {"figure": "kv_cache", "blocks": blocks,
+                       "bytes": blocks * kv_bytes_per_block(model_config, 16, dtype)})
+
+        if not args.skip_hf:
+            from transformers import Phi3Config, Phi3ForCausalLM
+
+            hf_config = Phi3Config.from_pretrained(checkpoint)
+            with torch.device("meta"):
+                hf = Phi3ForCausalLM(hf_config)
+            hf.load_state_dict(weights, assign=True, strict=False)  # the same tensors: no copy
+            with torch.device(device):  # its buffers, not weights: build them for real
+                hf.model.rotary_emb = type(hf.model.rotary_emb)(hf_config)
+            left_on_meta = [name for name, t in [*hf.named_parameters(), *hf.named_buffers()] if t.is_meta]
+            assert not left_on_meta, f"transformers' model kept tensors on the meta device: {left_on_meta}"
+            if hf_config.tie_word_embeddings:
+                hf.tie_weights()
+            hf.eval()
+            for batch in (1, args.hf_batch):
+                emit(figures, {"figure": "hf_decode", **hf_decode(hf, batch, args.prompt_len, args.new_tokens, vocab,
+                                                                    device)})
+            del hf
+            free(device)
+
+        one_sequence = {**options, "num_kv_blocks": -(-options["max_model_len"] // 16) + 16}
+        llm = LLM(str(checkpoint), **options)
+        emit(figures, {"figure": "phi4", **run_offline(llm, args.prompt_len, args.new_tokens, 1)})
+        emit(figures, {"figure": "phi4", **run_offline(llm, args.prompt_len, args.new_tokens, args.batch)})
+        emit(figures, {"figure": "phi4_prefill", **run_offline(llm, args.prefill_len, 1, 1)})
+        rng = random.Random(5)
+        prompt = [rng.randrange(vocab) for _ in range(args.prompt_len)]
+        fast = greedy(llm, prompt, args.greedy_tokens)
+        logit_prompts = [[rng.randrange(vocab) for _ in range(rng.randint(8, 64))] for _ in range(args.logit_prompts)]
+        reference = LLM(str(checkpoint), **{**one_sequence, "attention_backend": "torch"})
+        slow = greedy(reference, prompt, args.greedy_tokens)
+        agreed = next((i for i, (a, b) in enumerate(zip(fast, slow)) if a != b), len(fast))
+        emit(figures, {"figure": "greedy_vs_reference", "tokens": args.greedy_tokens, "equal_prefix": agreed,
+                       "equal": fast == slow})
+        del reference
+        free(device)
+
+        if not args.skip_fp8:
+            quantized = LLM(str(checkpoint), **{**one_sequence, "quantization": "fp8"})
+            emit(figures, {"figure": "phi4_fp8", **run_offline(quantized, args.prompt_len, args.new_tokens, 1)})
+            emit(figures, {"figure": "fp8_logit_error", **logit_error(llm, quantized, logit_prompts)})
+            del quantized
+            free(device)
+
+    by_name = {(f["figure"], f.get("num_seqs"), f.get("prompt_len")): f for f in figures}
+    summary = {
+        "phi4_bf16_batch1_tok_s": by_name.get(("phi4", 1, args.prompt_len), {}).get("decode_tok_s_total"),
+        "phi4_bf16_batch64_tok_s": by_name.get(("phi4", args.batch, args.prompt_len), {}).get("decode_tok_s_total"),
+        "phi4_prefill_2048_tok_s": by_name.get(("phi4_prefill", 1, args.prefill_len), {}).get("prefill_tok_s"),
+        "phi4_fp8_batch1_tok_s": by_name.get(("phi4_fp8", 1, args.prompt_len), {}).get("decode_tok_s_total"),
+    }
+    emit(figures, {"figure": "summary", **run_info, **summary,
+                   "targets": TARGETS if args.shape == "phi-4" else None})
+    if args.output is not None:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text("\n".join(json.dumps(f) for f in figures) + "\n")
+
+
+if __name__ == "__main__":
+    main()

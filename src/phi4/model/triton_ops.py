@@ -1,0 +1,162 @@
+"""Fused GPU kernels for the model's row-wise steps, and a batch-invariant matrix product.
+
+Each row-wise kernel handles one token per program with the whole row in one block, so a token's
+arithmetic never depends on the batch. They round exactly where the reference (transformers, bf16)
+rounds: the residual sum, RMSNorm's cast back before the weight, SiLU before the product, each term of
+the rotation. Intermediate values stay in float32.
+
+`matmul` computes x @ w.T with one tile configuration per weight shape (never per row count) and no
+split of the reduction, so every output row is summed in the same order whatever the batch. cuBLAS
+picks its kernel, and with it the summation order, from the row count.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _add_rms_norm_kernel(x_ptr, residual_ptr, weight_ptr, out_ptr, sum_ptr, hidden, eps,
+                         HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    valid = cols < hidden
+    x = tl.load(x_ptr + row * hidden + cols, mask=valid, other=0.0)
+    if HAS_RESIDUAL:
+        x = (x.to(tl.float32) + tl.load(residual_ptr + row * hidden + cols, mask=valid, other=0.0).to(tl.float32))
+        x = x.to(sum_ptr.dtype.element_ty)  # the reference adds in the model's dtype
+        tl.store(sum_ptr + row * hidden + cols, x, mask=valid)
+    x32 = x.to(tl.float32)
+    variance = tl.sum(x32 * x32, axis=0) / hidden
+    normed = (x32 * tl.math.rsqrt(variance + eps)).to(out_ptr.dtype.element_ty)
+    weight = tl.load(weight_ptr + cols, mask=valid, other=0.0)
+    tl.store(out_ptr + row * hidden + cols, (weight.to(tl.float32) * normed.to(tl.float32)).to(out_ptr.dtype.element_ty),
+             mask=valid)
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
+                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(RMSNorm(x + residual), x + residual); without a residual, (RMSNorm(x), x)."""
+    x = x.contiguous()
+    rows, hidden = x.shape
+    out = torch.empty_like(x)
+    summed = torch.empty_like(x) if residual is not None else x
+    if rows:
+        _add_rms_norm_kernel[(rows,)](x, residual if residual is not None else x, weight, out, summed, hidden, eps,
+                                      HAS_RESIDUAL=residual is not None, BLOCK=triton.next_power_of_2(hidden))
+    return out, summed
+
+
+@triton.jit
+def _silu_and_mul_kernel(gate_up_ptr, out_ptr, width, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    valid = cols < width
+    gate = tl.load(gate_up_ptr + row * 2 * width + cols, mask=valid, other=0.0).to(tl.float32)
+    up = tl.load(gate_up_ptr + row * 2 * width + width + cols, mask=valid, other=0.0).to(tl.float32)
+    activated = (gate / (1.0 + tl.exp(-gate))).to(out_ptr.dtype.element_ty).to(tl.float32)
+    tl.store(out_ptr + row * width + cols, (up * activated).to(out_ptr.dtype.element_ty), mask=valid)
+
+
+def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    gate_up = gate_up.contiguous()
+    rows, width = gate_up.shape[0], gate_up.shape[1] // 2
+    out = gate_up.new_empty(rows, width)
+    block = 1024
+    if rows:
+        _silu_and_mul_kernel[(rows, triton.cdiv(width, block))](gate_up, out, width, BLOCK=block)
+    return out
+
+
+@triton.jit
+def _rotary_kernel(x_ptr, out_ptr, cos_ptr, sin_ptr, rope_rows, heads, head_dim, rotary_dim,
+                   HALF: tl.constexpr, BLOCK_HEADS: tl.constexpr):
+    token = tl.program_id(0).to(tl.int64)
+    table_row = tl.load(rope_rows + token).to(tl.int64)
+    head = tl.arange(0, BLOCK_HEADS)[:, None]
+    dim = tl.arange(0, HALF)[None, :]
+    valid = (head < heads) & (dim < rotary_dim // 2)
+    base = token * heads * head_dim + head * head_dim
+    first = tl.load(x_ptr + base + dim, mask=valid, other=0.0).to(tl.float32)
+    second = tl.load(x_ptr + base + rotary_dim // 2 + dim, mask=valid, other=0.0).to(tl.float32)
+    cos = tl.load(cos_ptr + table_row * rotary_dim + dim, mask=dim < rotary_dim // 2, other=0.0).to(tl.float32)
+    sin = tl.load(sin_ptr + table_row * rotary_dim + dim, mask=dim < rotary_dim // 2, other=0.0).to(tl.float32)
+    dtype = out_ptr.dtype.element_ty
+    # x * cos + rotate_half(x) * sin, each product and the sum rounded to the model's dtype like the reference
+    # (the table repeats its angles in both halves, so the first half's cos/sin serve the second too)
+    out_first = (first * cos).to(dtype).to(tl.float32) + (-second * sin).to(dtype).to(tl.float32)
+    out_second = (second * cos).to(dtype).to(tl.float32) + (first * sin).to(dtype).to(tl.float32)
+    tl.store(out_ptr + base + dim, out_first.to(dtype), mask=valid)
+    tl.store(out_ptr + base + rotary_dim // 2 + dim, out_second.to(dtype), mask=valid)
+
+
+def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rope_rows: torch.Tensor) -> torch.Tensor:
+    """Rotate the first rotary_dim features of x [T, heads, head_dim]; the rest are copied unchanged."""
+    x = x.contiguous()
+    tokens, heads, head_dim = x.shape
+    rotary_dim = cos.shape[1]
+    out = x.clone() if rotary_dim < head_dim else torch.empty_like(x)
+    if tokens:
+        _rotary_kernel[(tokens,)](x, out, cos, sin, rope_rows, heads, head_dim, rotary_dim,
+                                  HALF=triton.next_power_of_2(rotary_dim // 2),
+                                  BLOCK_HEADS=triton.next_power_of_2(heads))
+    return out
+
+
+@triton.jit(do_not_specialize=["M"])  # one compiled kernel for every row count
+def _matmul_kernel(a_ptr, w_ptr, c_ptr, M, N, K, stride_am, stride_wn, stride_cm,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+                   PRECISION: tl.constexpr):
+    # Grouped launch order: neighbouring programs share weight tiles, which then come from L2.
+    pid = tl.program_id(0)
+    tiles_m = tl.cdiv(M, BLOCK_M)
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * tiles_n
+    group = pid // per_group
+    first_m = group * GROUP_M
+    group_rows = tl.minimum(tiles_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_rows
+    pid_n = (pid % per_group) // group_rows
+    rows = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    cols = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    ks = tl.arange(0, BLOCK_K)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_valid = (k0 + ks) < K
+        a = tl.load(a_ptr + rows[:, None] * stride_am + (k0 + ks)[None, :], mask=(rows[:, None] < M) & k_valid[None, :],
+                    other=0.0)
+        w = tl.load(w_ptr + cols[None, :] * stride_wn + (k0 + ks)[:, None], mask=(cols[None, :] < N) & k_valid[:, None],
+                    other=0.0)
+        acc = tl.dot(a, w, acc, input_precision=PRECISION)
+    tl.store(c_ptr + rows[:, None] * stride_cm + cols[None, :], acc.to(c_ptr.dtype.element_ty),
+             mask=(rows[:, None] < M) & (cols[None, :] < N))
+
+
+def matmul_config(n: int, k: int) -> dict[str, int]:
+    """The tile sizes for a weight [n, k]: a function of the weight alone, never of the row count.
+
+    Narrow outputs get narrow tiles so that a single row still spreads over every multiprocessor (a decode
+    step reads the weights once: its speed is memory bandwidth times the share of the GPU it occupies).
+    """
+    return {"BLOCK_M": 64, "BLOCK_N": 32 if n <= 8192 else 64 if n <= 32768 else 128, "BLOCK_K": 64, "GROUP_M": 8,
+            "num_warps": 4, "num_stages": 4}
+
+
+def matmul(x: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """x [M, K] @ weight[N, K].T, each row computed the same way whatever M is."""
+    x = x.contiguous()
+    m, k = x.shape
+    n = weight.shape[0]
+    assert weight.stride(1) == 1, "the weight must be stored [out, in] with contiguous rows"
+    out = x.new_empty(m, n, dtype=out_dtype or x.dtype)
+    if m == 0:
+        return out
+    config = matmul_config(n, k)
+    if x.device.type == "cpu":  # Triton's interpreter: a pipeline depth and warp count mean nothing there
+        config = {key: value for key, value in config.items() if key not in ("num_warps", "num_stages")}
+    grid = (triton.cdiv(m, config["BLOCK_M"]) * triton.cdiv(n, config["BLOCK_N"]),)
+    _matmul_kernel[grid](x, weight, out, m, n, k, x.stride(0), weight.stride(0), out.stride(0),
+                         PRECISION="ieee" if x.dtype == torch.float32 else "tf32", **config)
+    return out

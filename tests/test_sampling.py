@@ -107,3 +107,15 @@ def test_top_p_over_a_flat_distribution_falls_back_to_a_full_sort() -> None:
     peaked = torch.log(torch.tensor([PROBS + [1e-9] * 3000]))
     assert set(draw_counts(peaked, 300, top_p=0.75)) == {0, 1}
     assert set(draw_counts(peaked, 300, top_k=3, top_p=0.9)) == {0, 1, 2}  # renormalised over the top 3
+
+
+def test_a_rows_top_p_cut_does_not_depend_on_a_neighbour_that_needs_a_full_sort() -> None:
+    """The candidate shortcut or the full sort is chosen per row: a flat neighbour changes nothing."""
+    torch.manual_seed(0)
+    peaked = torch.randn(1, 4000) * 4  # its best 1,024 tokens hold nearly all the mass
+    flat = torch.zeros(1, 4000)
+    for seed in range(40):
+        alone = sample(peaked, [row(seed, top_p=0.95, logprobs=0)])
+        beside = sample(torch.cat((flat, peaked)), [row(seed + 1, top_p=0.95), row(seed, top_p=0.95, logprobs=0)])
+        assert beside.token_ids[1] == alone.token_ids[0]
+        assert beside.logprobs[1] == alone.logprobs[0]

@@ -139,12 +139,16 @@ def _top_k_top_p(scaled: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
     """Mask all but each row's top_k tokens, then all but the smallest prefix whose probability reaches
     top_p (renormalised over the top_k set; the first token always stays).
 
-    Sorting 100k logits per row dominates a step, so the cut is looked for among the best
-    TOP_CANDIDATES first; only a row whose candidates hold less than top_p of the mass needs a full sort.
+    On CPU, sorting 100k logits per row dominates a step, so the cut is looked for among the best
+    TOP_CANDIDATES first; a row whose candidates hold less than top_p of the mass is cut again after a full
+    sort. Which way a row goes depends on that row alone, never on the batch. On a GPU every row is fully
+    sorted: that is cheap there and needs no host synchronisation.
     """
     vocab_size = scaled.shape[-1]
     top_k = torch.tensor([row.params.top_k or vocab_size for row in rows], device=scaled.device)
     top_p = torch.tensor([row.params.top_p for row in rows], device=scaled.device)
+    if scaled.is_cuda:
+        return _cut_sorted(scaled, top_k, top_p)
     candidates = min(vocab_size, max(TOP_CANDIDATES, max(row.params.top_k for row in rows)))
     values, order = scaled.topk(candidates, dim=-1)
     ranks = torch.arange(candidates, device=scaled.device)[None, :]
@@ -152,11 +156,21 @@ def _top_k_top_p(scaled: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
     # Normalise over the top_k set where there is one (it lies among the candidates), else the whole row.
     normaliser = torch.where(top_k < vocab_size, torch.logsumexp(values, dim=-1), torch.logsumexp(scaled, dim=-1))
     probs = torch.exp(values - normaliser[:, None])
-    if not bool(((probs.sum(dim=-1) >= top_p) | (top_p >= 1.0)).all()):
-        values, order = scaled.sort(dim=-1, descending=True)
-        ranks = torch.arange(vocab_size, device=scaled.device)[None, :]
-        values = values.masked_fill(ranks >= top_k[:, None], float("-inf"))
-        probs = torch.softmax(values, dim=-1)
+    mass_before = probs.cumsum(dim=-1) - probs
+    values = values.masked_fill(mass_before >= top_p[:, None], float("-inf"))
+    result = torch.full_like(scaled, float("-inf")).scatter(-1, order, values)
+    short = ((probs.sum(dim=-1) < top_p) & (top_p < 1.0)).nonzero().squeeze(1)
+    if short.numel():
+        result[short] = _cut_sorted(scaled[short], top_k[short], top_p[short])
+    return result
+
+
+def _cut_sorted(scaled: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """top_k and top_p over a full sort of each row."""
+    values, order = scaled.sort(dim=-1, descending=True)
+    ranks = torch.arange(scaled.shape[-1], device=scaled.device)[None, :]
+    values = values.masked_fill(ranks >= top_k[:, None], float("-inf"))
+    probs = torch.softmax(values, dim=-1)
     mass_before = probs.cumsum(dim=-1) - probs
     values = values.masked_fill(mass_before >= top_p[:, None], float("-inf"))
     return torch.full_like(scaled, float("-inf")).scatter(-1, order, values)

@@ -43,7 +43,9 @@ def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def fp8_linear(x: torch.Tensor, weight: Fp8Weight, batch_invariant: bool) -> torch.Tensor:
     rows = x.shape[0]
-    if batch_invariant:  # the same row-count classes as every other product (see batch_invariant.py)
+    if x.is_cuda:  # cuBLASLt's fp8 kernels want every dimension a multiple of 16
+        x = pad_rows(x, -(-rows // 16) * 16)
+    elif batch_invariant:  # the same row-count classes as every other product (see batch_invariant.py)
         x = pad_rows(x, invariant_rows(rows))
     values, scale = quantize_activations(x)
     out = torch._scaled_mm(values, weight.values.t(), scale_a=scale[:, None], scale_b=weight.scale[None, :],

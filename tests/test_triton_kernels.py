@@ -156,3 +156,18 @@ def test_the_invariant_matmul_is_a_matmul_whose_rows_ignore_the_batch(dtype: tor
     for rows in (1, 3, 64):
         assert torch.equal(triton_ops.matmul(x[:rows], weight), full[:rows])
     assert torch.equal(triton_ops.matmul(x[66:], weight), full[66:])
+
+
+def test_decode_steps_on_padded_graph_buckets_keep_every_token(demo_dir) -> None:  # noqa: ANN001
+    """The static decode path (CUDA graphs on a GPU, run eagerly here) pads 3 sequences to a bucket of 4."""
+    prompts = [list(range(300, 300 + n)) for n in (5, 17, 40)]
+    params = [SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True),
+              SamplingParams(temperature=1.0, top_p=0.9, seed=3, max_tokens=6, ignore_eos=True, logprobs=2),
+              SamplingParams(temperature=0.7, seed=4, max_tokens=9, ignore_eos=True)]  # outlives the others: 3 -> 1 row
+    results = {}
+    for graphs in (True, False):
+        llm = LLM(str(demo_dir), device=DEVICE.type, dtype="float32", attention_backend="triton", max_model_len=256,
+                  cuda_graphs=graphs)
+        assert (llm.engine.runner.decode_graphs is not None) == graphs
+        results[graphs] = [(r.token_ids, r.logprobs) for r in llm.generate(prompts, params)]
+    assert results[True] == results[False]

@@ -44,6 +44,7 @@ def _serve(args: argparse.Namespace) -> int:
         batch_invariant=not args.no_batch_invariance,
         quantization=args.quantization,
         attention_backend=args.attention_backend,
+        cuda_graphs=not args.enforce_eager,
     )
     return serve(ServeOptions(
         model=args.model, host=args.host, port=args.port, served_model_name=args.served_model_name,
@@ -98,7 +99,8 @@ def _bench(args: argparse.Namespace) -> int:
 
     llm = LLM(args.model, device=args.device, dtype=args.dtype, batch_invariant=not args.no_batch_invariance,
               quantization=args.quantization, enable_prefix_caching=False, max_num_seqs=max(256, max(args.num_seqs)),
-              max_num_batched_tokens=max(2048, args.max_num_batched_tokens), attention_backend=args.attention_backend)
+              max_num_batched_tokens=max(2048, args.max_num_batched_tokens), attention_backend=args.attention_backend,
+              cuda_graphs=not args.enforce_eager)
     for num_seqs in args.num_seqs:
         for _ in range(args.repeats):
             figures = run_offline(llm, args.prompt_len, args.output_len, num_seqs, ignore_eos=args.ignore_eos)
@@ -134,6 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--no-batch-invariance", action="store_true",
                        help="fastest kernels; a request's output may then change with the load")
     serve.add_argument("--quantization", choices=["fp8"], default=None, help="float8 weights (per-channel scales)")
+    serve.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps")
     serve.add_argument("--attention-backend", choices=ATTENTION_BACKENDS, default="auto",
                        help="auto: Triton on CUDA; torch: the reference backend")
     serve.add_argument("--device", default="auto")
@@ -167,6 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--max-num-batched-tokens", type=int, default=2048)
     bench.add_argument("--no-batch-invariance", action="store_true")
     bench.add_argument("--quantization", choices=["fp8"], default=None)
+    bench.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps")
     bench.add_argument("--attention-backend", choices=ATTENTION_BACKENDS, default="auto",
                        help="auto: Triton on CUDA; torch: the reference backend")
     bench.add_argument("--device", default="auto")

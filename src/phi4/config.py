@@ -177,3 +177,5 @@ class EngineConfig:
     # "auto": Triton kernels on CUDA, the tiled (batch-invariant) or SDPA attention on CPU; "torch" forces
     # the reference backend, against which the others are tested.
     attention_backend: str = "auto"
+    # Decode steps replayed from CUDA graphs (with the Triton attention); False runs every step eagerly.
+    cuda_graphs: bool = True

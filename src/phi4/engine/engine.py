@@ -73,7 +73,8 @@ class LLMEngine:
         self.scheduler = Scheduler(
             self.block_manager, engine_config.max_num_seqs, engine_config.max_num_batched_tokens, self._cache_salt
         )
-        self.runner = ModelRunner(self.model, num_blocks, block_size, self.max_model_len)
+        self.runner = ModelRunner(self.model, num_blocks, block_size, self.max_model_len,
+                                  engine_config.max_num_seqs, engine_config.cuda_graphs)
         self.checkpoint = checkpoint
         self._grammar_tokenizer: llguidance.LLTokenizer | None = None
         self._checked_grammars: set[str] = set()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -13,6 +14,9 @@ from phi4.engine.scheduler import ScheduledSequence
 from phi4.model.attention import AttentionMetadata
 from phi4.model.phi3 import Phi3ForCausalLM
 from phi4.structured.constraint import CLOSING_TOKENS, ClosingTiers, allowed_tokens
+
+if TYPE_CHECKING:
+    from phi4.engine.decode_graphs import DecodeGraphs
 
 
 def kv_bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
@@ -33,7 +37,8 @@ def uses_long_rope(config: ModelConfig, seq: Sequence, position: int) -> bool:
 
 
 class ModelRunner:
-    def __init__(self, model: Phi3ForCausalLM, num_blocks: int, block_size: int, max_model_len: int) -> None:
+    def __init__(self, model: Phi3ForCausalLM, num_blocks: int, block_size: int, max_model_len: int,
+                 max_num_seqs: int = 256, cuda_graphs: bool = True) -> None:
         self.model = model
         self.config = model.config
         self.block_size = block_size
@@ -44,10 +49,17 @@ class ModelRunner:
         weight = model.model.embed_tokens.weight
         self.device, self.dtype = weight.device, weight.dtype
         config = self.config
+        # One block more than the block manager hands out: a scratch slot for padding rows to write into.
         self.kv_caches = torch.zeros(
-            config.num_hidden_layers, 2, num_blocks * block_size, config.num_key_value_heads, config.head_dim,
+            config.num_hidden_layers, 2, (num_blocks + 1) * block_size, config.num_key_value_heads, config.head_dim,
             device=self.device, dtype=self.dtype,
         )
+        self.decode_graphs: DecodeGraphs | None = None
+        if cuda_graphs and type(model.attention).__name__ == "TritonPagedAttention":
+            from phi4.engine.decode_graphs import DecodeGraphs  # Triton is needed only here
+
+            self.decode_graphs = DecodeGraphs(model, self.kv_caches, block_size, max_model_len, max_num_seqs,
+                                              scratch_slot=num_blocks * block_size)
 
     def rope_row(self, seq: Sequence, position: int) -> int:
         if self.config.longrope is not None and uses_long_rope(self.config, seq, position):
@@ -79,17 +91,26 @@ class ModelRunner:
         masks: Future[torch.Tensor | None] | None = None
         if any(seq.constraint is not None for seq in sampling):
             masks = self._mask_worker.submit(self._grammar_masks, sampling)
-        metadata = AttentionMetadata.build(
-            slot_mapping=torch.tensor(slots, device=device),
-            query_lens=[item.num_new_tokens for item in scheduled],
-            block_tables=[item.seq.block_table for item in scheduled],
-            context_lens=[item.seq.num_computed_tokens + item.num_new_tokens for item in scheduled],
-            block_size=size,
-            device=device,
-        )
-        hidden = self.model.forward(
-            torch.tensor(input_ids, device=device), torch.tensor(rope_rows, device=device), self.kv_caches, metadata
-        )
+        block_tables = [item.seq.block_table for item in scheduled]
+        context_lens = [item.seq.num_computed_tokens + item.num_new_tokens for item in scheduled]
+        graphs = self.decode_graphs
+        if graphs is not None and len(scheduled) <= graphs.max_batch and len(input_ids) == len(scheduled):
+            if masks is not None and not graphs.captured(len(scheduled)):
+                masks.result()  # let the mask thread's GPU work finish before a capture begins
+            hidden = graphs.run(input_ids, rope_rows, slots, block_tables, context_lens)
+        else:
+            metadata = AttentionMetadata.build(
+                slot_mapping=torch.tensor(slots, device=device),
+                query_lens=[item.num_new_tokens for item in scheduled],
+                block_tables=block_tables,
+                context_lens=context_lens,
+                block_size=size,
+                device=device,
+            )
+            hidden = self.model.forward(
+                torch.tensor(input_ids, device=device), torch.tensor(rope_rows, device=device), self.kv_caches,
+                metadata,
+            )
         if not sample_rows:
             return SampleResult([], [])
         logits = self.model.compute_logits(hidden[torch.tensor(sample_rows, device=device)])

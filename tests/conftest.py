@@ -5,10 +5,13 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import openai
 import pytest
 import torch
+
+if TYPE_CHECKING:
+    import openai
 
 from live_server import API_KEY, Server
 
@@ -122,4 +125,6 @@ def server(demo_dir: Path) -> Iterator[Server]:
 
 @pytest.fixture(scope="session")
 def client(server: Server) -> openai.OpenAI:
+    import openai  # here, not at the top: the GPU checks run where the server's packages may be missing
+
     return openai.OpenAI(base_url=f"{server.url}/v1", api_key=API_KEY, max_retries=0)

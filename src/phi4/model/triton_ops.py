@@ -106,11 +106,12 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rope_rows: tor
 
 
 @triton.jit(do_not_specialize=["M"])  # one compiled kernel for every row count
-def _matmul_kernel(a_ptr, w_ptr, c_ptr, M, N, K, stride_am, stride_wn, stride_cm,
+def _matmul_kernel(a_ptr, w_ptr, c_ptr, M, N, K, stride_am, stride_wn, stride_cm, k_per_split,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
                    PRECISION: tl.constexpr):
     # Grouped launch order: neighbouring programs share weight tiles, which then come from L2.
     pid = tl.program_id(0)
+    split = tl.program_id(1)
     tiles_m = tl.cdiv(M, BLOCK_M)
     tiles_n = tl.cdiv(N, BLOCK_N)
     per_group = GROUP_M * tiles_n
@@ -122,26 +123,41 @@ def _matmul_kernel(a_ptr, w_ptr, c_ptr, M, N, K, stride_am, stride_wn, stride_cm
     rows = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     cols = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     ks = tl.arange(0, BLOCK_K)
+    k_start = split * k_per_split
+    k_end = tl.minimum(k_start + k_per_split, K)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        k_valid = (k0 + ks) < K
+    for k0 in range(k_start, k_end, BLOCK_K):
+        k_valid = (k0 + ks) < k_end
         a = tl.load(a_ptr + rows[:, None] * stride_am + (k0 + ks)[None, :], mask=(rows[:, None] < M) & k_valid[None, :],
                     other=0.0)
         w = tl.load(w_ptr + cols[None, :] * stride_wn + (k0 + ks)[:, None], mask=(cols[None, :] < N) & k_valid[:, None],
                     other=0.0)
         acc = tl.dot(a, w, acc, input_precision=PRECISION)
-    tl.store(c_ptr + rows[:, None] * stride_cm + cols[None, :], acc.to(c_ptr.dtype.element_ty),
-             mask=(rows[:, None] < M) & (cols[None, :] < N))
+    # One split writes the result; several write float32 partial sums, added up in order by _sum_splits.
+    out = c_ptr + split.to(tl.int64) * M * N + rows[:, None] * stride_cm + cols[None, :]
+    tl.store(out, acc.to(c_ptr.dtype.element_ty), mask=(rows[:, None] < M) & (cols[None, :] < N))
+
+
+@triton.jit(do_not_specialize=["total"])
+def _sum_splits_kernel(partial_ptr, out_ptr, total, SPLITS: tl.constexpr, BLOCK: tl.constexpr):
+    offsets = (tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK))
+    valid = offsets < total
+    acc = tl.load(partial_ptr + offsets, mask=valid, other=0.0)
+    for split in tl.static_range(1, SPLITS):
+        acc += tl.load(partial_ptr + split * total + offsets, mask=valid, other=0.0)
+    tl.store(out_ptr + offsets, acc.to(out_ptr.dtype.element_ty), mask=valid)
 
 
 def matmul_config(n: int, k: int) -> dict[str, int]:
     """The tile sizes for a weight [n, k]: a function of the weight alone, never of the row count.
 
-    Narrow outputs get narrow tiles so that a single row still spreads over every multiprocessor (a decode
-    step reads the weights once: its speed is memory bandwidth times the share of the GPU it occupies).
+    A decode step reads the weights once, so its speed is memory bandwidth times the share of the GPU it
+    keeps busy: narrow outputs get narrow tiles, and a narrow output with a long reduction (Phi-4's o_proj and
+    down_proj, 5120 columns) is also split along k into a fixed number of parts, summed in a fixed order.
     """
+    split_k = 4 if n <= 8192 and k >= 4096 else 1
     return {"BLOCK_M": 64, "BLOCK_N": 32 if n <= 8192 else 64 if n <= 32768 else 128, "BLOCK_K": 64, "GROUP_M": 8,
-            "num_warps": 4, "num_stages": 4}
+            "SPLIT_K": split_k, "num_warps": 4, "num_stages": 4}
 
 
 def matmul(x: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -154,9 +170,15 @@ def matmul(x: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dtype | None 
     if m == 0:
         return out
     config = matmul_config(n, k)
+    splits = config.pop("SPLIT_K")
     if x.device.type == "cpu":  # Triton's interpreter: a pipeline depth and warp count mean nothing there
         config = {key: value for key, value in config.items() if key not in ("num_warps", "num_stages")}
-    grid = (triton.cdiv(m, config["BLOCK_M"]) * triton.cdiv(n, config["BLOCK_N"]),)
-    _matmul_kernel[grid](x, weight, out, m, n, k, x.stride(0), weight.stride(0), out.stride(0),
+    k_per_split = triton.cdiv(triton.cdiv(k, splits), config["BLOCK_K"]) * config["BLOCK_K"]
+    target = out if splits == 1 else torch.empty(splits, m, n, device=x.device, dtype=torch.float32)
+    grid = (triton.cdiv(m, config["BLOCK_M"]) * triton.cdiv(n, config["BLOCK_N"]), splits)
+    _matmul_kernel[grid](x, weight, target, m, n, k, x.stride(0), weight.stride(0), n, k_per_split,
                          PRECISION="ieee" if x.dtype == torch.float32 else "tf32", **config)
+    if splits > 1:
+        block = 1024
+        _sum_splits_kernel[(triton.cdiv(m * n, block),)](target, out, m * n, SPLITS=splits, BLOCK=block)
     return out

@@ -172,3 +172,19 @@ def test_decode_steps_on_padded_graph_buckets_keep_every_token(demo_dir) -> None
         assert (llm.engine.runner.decode_graphs is not None) == graphs
         results[graphs] = [(r.token_ids, r.logprobs) for r in llm.generate(prompts, params)]
     assert results[True] == results[False]
+
+
+def test_the_invariant_fp8_matmul_matches_scaled_mm_arithmetic() -> None:
+    from phi4.model import triton_ops
+    from phi4.model.fp8 import Fp8Weight, quantize_activations
+
+    torch.manual_seed(4)
+    weight = Fp8Weight.quantize(torch.randn(96, 4160, device=DEVICE) / 64)  # split along k, too
+    x = torch.randn(70, 4160, device=DEVICE)
+    values, scale = quantize_activations(x)
+    full = triton_ops.matmul(values, weight.values, torch.float32, scale, weight.scale)
+    expected = (values.float() @ weight.values.float().T) * scale[:, None] * weight.scale[None, :]
+    torch.testing.assert_close(full, expected, atol=1e-4, rtol=1e-4)
+    for rows in (1, 5, 64):
+        assert torch.equal(triton_ops.matmul(values[:rows], weight.values, torch.float32, scale[:rows], weight.scale),
+                           full[:rows])

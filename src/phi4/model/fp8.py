@@ -1,5 +1,6 @@
 """fp8 weights (`--quantization fp8`): float8_e4m3 with one scale per output channel, activations
-quantized per token at run time, products on `torch._scaled_mm` (Hopper on GPU; also on CPU in torch 2.13).
+quantized per token at run time, products on `torch._scaled_mm` (Hopper on GPU; also on CPU in torch 2.13),
+or, on CUDA with batch invariance on, on the Triton matmul of triton_ops (same arithmetic, tiles fixed).
 
 Reading half the bytes of bf16 is what lifts the batch-1 decode ceiling on a GPU; on CPU the point is to
 test the numerics. The LM head stays in the model's dtype, as vLLM does: it decides every token.
@@ -43,6 +44,11 @@ def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def fp8_linear(x: torch.Tensor, weight: Fp8Weight, batch_invariant: bool) -> torch.Tensor:
     rows = x.shape[0]
+    if x.is_cuda and batch_invariant:  # cuBLASLt picks its kernel by row count; Triton's tiles do not move
+        from phi4.model import triton_ops
+
+        values, scale = quantize_activations(x)
+        return triton_ops.matmul(values, weight.values, x.dtype, scale, weight.scale)
     if x.is_cuda:  # cuBLASLt's fp8 kernels want every dimension a multiple of 16
         x = pad_rows(x, -(-rows // 16) * 16)
     elif batch_invariant:  # the same row-count classes as every other product (see batch_invariant.py)

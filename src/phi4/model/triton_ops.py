@@ -106,9 +106,9 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rope_rows: tor
 
 
 @triton.jit(do_not_specialize=["M"])  # one compiled kernel for every row count
-def _matmul_kernel(a_ptr, w_ptr, c_ptr, M, N, K, stride_am, stride_wn, stride_cm, k_per_split,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-                   PRECISION: tl.constexpr):
+def _matmul_kernel(a_ptr, w_ptr, c_ptr, a_scale_ptr, w_scale_ptr, M, N, K, stride_am, stride_wn, stride_cm,
+                   k_per_split, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                   GROUP_M: tl.constexpr, PRECISION: tl.constexpr, SCALED: tl.constexpr):
     # Grouped launch order: neighbouring programs share weight tiles, which then come from L2.
     pid = tl.program_id(0)
     split = tl.program_id(1)
@@ -133,6 +133,9 @@ def _matmul_kernel(a_ptr, w_ptr, c_ptr, M, N, K, stride_am, stride_wn, stride_cm
         w = tl.load(w_ptr + cols[None, :] * stride_wn + (k0 + ks)[:, None], mask=(cols[None, :] < N) & k_valid[:, None],
                     other=0.0)
         acc = tl.dot(a, w, acc, input_precision=PRECISION)
+    if SCALED:  # fp8: a row scale per token, a column scale per output channel, as torch._scaled_mm applies them
+        acc = acc * tl.load(a_scale_ptr + rows, mask=rows < M, other=0.0)[:, None]
+        acc = acc * tl.load(w_scale_ptr + cols, mask=cols < N, other=0.0)[None, :]
     # One split writes the result; several write float32 partial sums, added up in order by _sum_splits.
     out = c_ptr + split.to(tl.int64) * M * N + rows[:, None] * stride_cm + cols[None, :]
     tl.store(out, acc.to(c_ptr.dtype.element_ty), mask=(rows[:, None] < M) & (cols[None, :] < N))
@@ -160,8 +163,13 @@ def matmul_config(n: int, k: int) -> dict[str, int]:
             "SPLIT_K": split_k, "num_warps": 4, "num_stages": 4}
 
 
-def matmul(x: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """x [M, K] @ weight[N, K].T, each row computed the same way whatever M is."""
+def matmul(x: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dtype | None = None,
+           x_scale: torch.Tensor | None = None, weight_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """x [M, K] @ weight[N, K].T, each row computed the same way whatever M is.
+
+    With float8 operands, `x_scale` [M] and `weight_scale` [N] (float32) scale rows and columns of the
+    float32 product, like torch._scaled_mm.
+    """
     x = x.contiguous()
     m, k = x.shape
     n = weight.shape[0]
@@ -176,8 +184,12 @@ def matmul(x: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dtype | None 
     k_per_split = triton.cdiv(triton.cdiv(k, splits), config["BLOCK_K"]) * config["BLOCK_K"]
     target = out if splits == 1 else torch.empty(splits, m, n, device=x.device, dtype=torch.float32)
     grid = (triton.cdiv(m, config["BLOCK_M"]) * triton.cdiv(n, config["BLOCK_N"]), splits)
-    _matmul_kernel[grid](x, weight, target, m, n, k, x.stride(0), weight.stride(0), n, k_per_split,
-                         PRECISION="ieee" if x.dtype == torch.float32 else "tf32", **config)
+    scaled = x_scale is not None
+    if scaled:
+        assert weight_scale is not None and out_dtype is not None, "fp8 products need both scales and an out_dtype"
+    _matmul_kernel[grid](x, weight, target, x_scale if scaled else x, weight_scale if scaled else weight, m, n, k,
+                         x.stride(0), weight.stride(0), n, k_per_split,
+                         PRECISION="ieee" if x.dtype == torch.float32 else "tf32", SCALED=scaled, **config)
     if splits > 1:
         block = 1024
         _sum_splits_kernel[(triton.cdiv(m * n, block),)](target, out, m * n, SPLITS=splits, BLOCK=block)

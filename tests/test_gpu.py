@@ -29,10 +29,11 @@ def test_bf16_on_cuda_matches_the_reference_greedy_tokens(demo_dir: Path) -> Non
         assert result.token_ids == out[0, len(ids):].tolist()
 
 
-def test_batch_invariance_holds_on_cuda(demo_dir: Path) -> None:
+@pytest.mark.parametrize("quantization", [None, "fp8"])
+def test_batch_invariance_holds_on_cuda(demo_dir: Path, quantization: str | None) -> None:
     import random
 
-    llm = LLM(str(demo_dir), device="cuda", max_model_len=1024)
+    llm = LLM(str(demo_dir), device="cuda", max_model_len=1024, quantization=quantization)
     rng = random.Random(3)
     target = [rng.randrange(100, 100_000) for _ in range(90)]
     params = SamplingParams(temperature=1.0, top_p=0.9, seed=11, max_tokens=24, ignore_eos=True, logprobs=1)

@@ -55,7 +55,7 @@ def run(backend, cache: PagedCache, metadata: AttentionMetadata, q, k, v) -> tor
     return backend.forward(q, k, v, cache.k.clone(), cache.v.clone(), metadata)
 
 
-@pytest.mark.parametrize(("heads", "kv_heads", "head_dim"), [(8, 2, 32), (6, 2, 64), (4, 4, 32)])
+@pytest.mark.parametrize(("heads", "kv_heads", "head_dim"), [(8, 2, 32), (6, 2, 64), (4, 4, 32), (6, 2, 48)])
 def test_mixed_prefill_chunks_and_decodes_match_the_reference(heads: int, kv_heads: int, head_dim: int) -> None:
     rng = random.Random(heads * 100 + head_dim)
     torch.manual_seed(heads)

@@ -33,7 +33,7 @@ LOG2_E = 1.4426950408889634
 
 @triton.jit
 def _segment(q, seq, kv_head, row_pos, row_valid, seg_start, seg_end, k_cache, v_cache, block_tables,
-             block_table_stride, slot_stride, head_stride, scale_log2e,
+             block_table_stride, slot_stride, head_stride, head_dim, scale_log2e,
              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
              PRECISION: tl.constexpr):
     """Softmax state of rows q [BLOCK_M, HEAD_DIM] over keys [seg_start, seg_end), from scratch."""
@@ -47,8 +47,9 @@ def _segment(q, seq, kv_head, row_pos, row_valid, seg_start, seg_end, k_cache, v
         block = tl.load(block_tables + seq * block_table_stride + key_pos // BLOCK_SIZE, mask=key_valid, other=0)
         slot = block.to(tl.int64) * BLOCK_SIZE + key_pos % BLOCK_SIZE
         offsets = slot[:, None] * slot_stride + kv_head * head_stride + dims[None, :]
-        keys = tl.load(k_cache + offsets, mask=key_valid[:, None], other=0.0)
-        values = tl.load(v_cache + offsets, mask=key_valid[:, None], other=0.0)
+        loaded = key_valid[:, None] & (dims < head_dim)[None, :]
+        keys = tl.load(k_cache + offsets, mask=loaded, other=0.0)
+        values = tl.load(v_cache + offsets, mask=loaded, other=0.0)
         scores = tl.dot(q, tl.trans(keys), input_precision=PRECISION) * scale_log2e
         allowed = (key_pos[None, :] <= row_pos[:, None]) & key_valid[None, :] & row_valid[:, None]
         scores = tl.where(allowed, scores, float("-inf"))
@@ -93,7 +94,7 @@ def _tile_rows(tile, tile_seq, tile_first, query_lens, context_lens, query_start
 def _paged_attention_kernel(
     q_ptr, out_ptr, k_cache, v_cache, block_tables, context_lens, query_lens, query_starts, tile_seq, tile_first,
     part_max, part_sum, part_acc,
-    q_token_stride, q_head_stride, out_token_stride, out_head_stride, slot_stride, head_stride,
+    q_token_stride, q_head_stride, out_token_stride, out_head_stride, slot_stride, head_stride, head_dim,
     block_table_stride, max_segments, scale_log2e,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, SEGMENT: tl.constexpr, SPLIT: tl.constexpr,
@@ -106,7 +107,7 @@ def _paged_attention_kernel(
     dims = tl.arange(0, HEAD_DIM)
     head = kv_head * GROUP + head_in_group
     q = tl.load(q_ptr + query_row[:, None] * q_token_stride + head[:, None] * q_head_stride + dims[None, :],
-                mask=row_valid[:, None], other=0.0)
+                mask=row_valid[:, None] & (dims < head_dim)[None, :], other=0.0)
     rows = tl.arange(0, BLOCK_M)
     if SPLIT:
         segment = tl.program_id(2)
@@ -115,8 +116,8 @@ def _paged_attention_kernel(
             seg_end = tl.minimum(seg_start + SEGMENT, last_key + 1)
             seg_max, seg_sum, seg_acc = _segment(
                 q, seq, kv_head, row_pos, row_valid, seg_start, seg_end, k_cache, v_cache, block_tables,
-                block_table_stride, slot_stride, head_stride, scale_log2e, BLOCK_M, BLOCK_N, HEAD_DIM, BLOCK_SIZE,
-                PRECISION)
+                block_table_stride, slot_stride, head_stride, head_dim, scale_log2e, BLOCK_M, BLOCK_N, HEAD_DIM,
+                BLOCK_SIZE, PRECISION)
             base = ((tile * tl.num_programs(1) + kv_head) * max_segments + segment) * BLOCK_M + rows
             tl.store(part_max + base, seg_max)
             tl.store(part_sum + base, seg_sum)
@@ -124,24 +125,24 @@ def _paged_attention_kernel(
     else:
         run_max, run_sum, run_acc = _segment(
             q, seq, kv_head, row_pos, row_valid, 0, tl.minimum(SEGMENT, last_key + 1), k_cache, v_cache,
-            block_tables, block_table_stride, slot_stride, head_stride, scale_log2e, BLOCK_M, BLOCK_N, HEAD_DIM,
-            BLOCK_SIZE, PRECISION)
+            block_tables, block_table_stride, slot_stride, head_stride, head_dim, scale_log2e, BLOCK_M, BLOCK_N,
+            HEAD_DIM, BLOCK_SIZE, PRECISION)
         for segment in range(1, num_segments):
             seg_start = segment * SEGMENT
             seg_max, seg_sum, seg_acc = _segment(
                 q, seq, kv_head, row_pos, row_valid, seg_start, tl.minimum(seg_start + SEGMENT, last_key + 1),
-                k_cache, v_cache, block_tables, block_table_stride, slot_stride, head_stride, scale_log2e,
+                k_cache, v_cache, block_tables, block_table_stride, slot_stride, head_stride, head_dim, scale_log2e,
                 BLOCK_M, BLOCK_N, HEAD_DIM, BLOCK_SIZE, PRECISION)
             run_max, run_sum, run_acc = _merge(run_max, run_sum, run_acc, seg_max, seg_sum, seg_acc)
         out = run_acc / tl.where(row_valid, run_sum, 1.0)[:, None]
         tl.store(out_ptr + query_row[:, None] * out_token_stride + head[:, None] * out_head_stride + dims[None, :],
-                 out.to(out_ptr.dtype.element_ty), mask=row_valid[:, None])
+                 out.to(out_ptr.dtype.element_ty), mask=row_valid[:, None] & (dims < head_dim)[None, :])
 
 
 @triton.jit(do_not_specialize=["max_segments"])
 def _merge_segments_kernel(
     out_ptr, context_lens, query_lens, query_starts, tile_seq, tile_first, part_max, part_sum, part_acc,
-    out_token_stride, out_head_stride, max_segments,
+    out_token_stride, out_head_stride, head_dim, max_segments,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
     SEGMENT: tl.constexpr,
 ):
@@ -162,7 +163,7 @@ def _merge_segments_kernel(
     out = run_acc / tl.where(row_valid, run_sum, 1.0)[:, None]
     head = kv_head * GROUP + head_in_group
     tl.store(out_ptr + query_row[:, None] * out_token_stride + head[:, None] * out_head_stride + dims[None, :],
-             out.to(out_ptr.dtype.element_ty), mask=row_valid[:, None])
+             out.to(out_ptr.dtype.element_ty), mask=row_valid[:, None] & (dims < head_dim)[None, :])
 
 
 @dataclass
@@ -185,11 +186,10 @@ class TritonPagedAttention:
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, *, segment: int = 512,
                  block_n: int = 64) -> None:
-        if head_dim & (head_dim - 1) or head_dim < 16:
-            raise ValueError(f"the Triton attention needs a power-of-two head_dim >= 16, got {head_dim}")
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
+        self.padded_head_dim = max(16, triton.next_power_of_2(head_dim))  # Phi-4-mini's 96 runs as 128, masked
         self.group = num_heads // num_kv_heads
         self.group_pad = triton.next_power_of_2(self.group)
         self.block_m = max(16, self.group_pad)  # tl.dot needs 16 rows; the same for every launch
@@ -249,7 +249,7 @@ class TritonPagedAttention:
             return out
         q_rows = q.stride(0), q.stride(1)
         common: dict[str, Any] = {
-            "GROUP": self.group, "GROUP_PAD": self.group_pad, "BLOCK_M": self.block_m, "HEAD_DIM": self.head_dim,
+            "GROUP": self.group, "GROUP_PAD": self.group_pad, "BLOCK_M": self.block_m, "HEAD_DIM": self.padded_head_dim,
             "SEGMENT": self.segment,
         }
         # float32 products exactly as written (no TF32), so that float32 runs compare with the reference
@@ -258,13 +258,13 @@ class TritonPagedAttention:
             rows = tiles * self.num_kv_heads * plan.max_segments * self.block_m
             part_max = torch.empty(rows, device=q.device, dtype=torch.float32)
             part_sum = torch.empty_like(part_max)
-            part_acc = torch.empty(rows, self.head_dim, device=q.device, dtype=torch.float32)
+            part_acc = torch.empty(rows, self.padded_head_dim, device=q.device, dtype=torch.float32)
         else:
             part_max = part_sum = part_acc = out  # unused
         _paged_attention_kernel[(tiles, self.num_kv_heads, plan.max_segments if plan.split else 1)](
             q, out, k_cache, v_cache, plan.block_tables, plan.context_lens, plan.query_lens, plan.query_starts,
             plan.tile_seq, plan.tile_first, part_max, part_sum, part_acc,
-            *q_rows, out.stride(0), out.stride(1), k_cache.stride(0), k_cache.stride(1),
+            *q_rows, out.stride(0), out.stride(1), k_cache.stride(0), k_cache.stride(1), self.head_dim,
             plan.block_tables.stride(0), plan.max_segments, self.scale_log2e,
             BLOCK_N=self.block_n, BLOCK_SIZE=plan.block_size, SPLIT=plan.split, PRECISION=precision,
             enable_fp_fusion=False, **common,
@@ -272,7 +272,7 @@ class TritonPagedAttention:
         if plan.split:
             _merge_segments_kernel[(tiles, self.num_kv_heads)](
                 out, plan.context_lens, plan.query_lens, plan.query_starts, plan.tile_seq, plan.tile_first,
-                part_max, part_sum, part_acc, out.stride(0), out.stride(1), plan.max_segments,
+                part_max, part_sum, part_acc, out.stride(0), out.stride(1), self.head_dim, plan.max_segments,
                 enable_fp_fusion=False, **common,
             )
         return out

@@ -31,9 +31,8 @@ def _add_rms_norm_kernel(x_ptr, residual_ptr, weight_ptr, out_ptr, sum_ptr, hidd
     x32 = x.to(tl.float32)
     variance = tl.sum(x32 * x32, axis=0) / hidden
     normed = (x32 * tl.math.rsqrt(variance + eps)).to(out_ptr.dtype.element_ty)
-    weight = tl.load(weight_ptr + cols, mask=valid, other=0.0)
-    tl.store(out_ptr + row * hidden + cols, (weight.to(tl.float32) * normed.to(tl.float32)).to(out_ptr.dtype.element_ty),
-             mask=valid)
+    weight = tl.load(weight_ptr + cols, mask=valid, other=0.0).to(tl.float32)
+    tl.store(out_ptr + row * hidden + cols, (weight * normed.to(tl.float32)).to(out_ptr.dtype.element_ty), mask=valid)
 
 
 def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,

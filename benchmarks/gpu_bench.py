@@ -9,6 +9,9 @@ writes them all to --output:
 - greedy_vs_reference: phi4's greedy tokens against its torch reference attention backend, 128 tokens;
 - phi4 fp8: batch 1, and the logit error against bf16 (max |d| and mean KL over 100 prompts).
 
+A phase that fails is reported as a figure with its error and the others still run; --output is
+rewritten after every figure, so a run cut short keeps what it measured.
+
 `--quick` keeps the whole run under 6 minutes on an H100. `--shape demo --device cpu` runs the same code
 on the demo shape, as the test suite does. Usage:
     python benchmarks/gpu_bench.py --quick --output benchmarks/results/gpu_bench_h100.json
@@ -17,12 +20,15 @@ on the demo shape, as the test suite does. Usage:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import random
 import statistics
 import tempfile
 import time
+import traceback
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -38,9 +44,29 @@ TARGETS = {"phi4_bf16_batch1_tok_s": 85, "phi4_fp8_batch1_tok_s": 150, "phi4_bf1
            "phi4_prefill_2048_tok_s": 20000}
 
 
-def emit(figures: list[dict[str, Any]], figure: dict[str, Any]) -> None:
-    figures.append(figure)
-    print(json.dumps(figure), flush=True)
+class Report:
+    """JSON lines on stdout and in --output, rewritten after every figure: a run cut short keeps what it had."""
+
+    def __init__(self, output: Path | None) -> None:
+        self.figures: list[dict[str, Any]] = []
+        self.output = output
+        if output is not None:
+            output.parent.mkdir(parents=True, exist_ok=True)
+
+    def emit(self, figure: dict[str, Any]) -> None:
+        self.figures.append(figure)
+        print(json.dumps(figure), flush=True)
+        if self.output is not None:
+            self.output.write_text("\n".join(json.dumps(f) for f in self.figures) + "\n")
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        """A failing phase is reported as a figure with its error; the others still run."""
+        try:
+            yield
+        except Exception as exc:  # noqa: BLE001 - device time is scarce: report and go on
+            traceback.print_exc()
+            self.emit({"figure": name, "error": f"{type(exc).__name__}: {exc}"[:2000]})
 
 
 def free(device: torch.device) -> None:
@@ -110,15 +136,16 @@ def main() -> None:
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     config = reference_config("phi-4") if args.shape == "phi-4" else demo_config()
-    figures: list[dict[str, Any]] = []
+    report = Report(args.output)
+    emit = report.emit
     run_info = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                 "torch": torch.__version__, "shape": args.shape, "dtype": str(dtype).removeprefix("torch.")}
-    emit(figures, {"figure": "run", **run_info})
+    emit({"figure": "run", **run_info})
 
     start = time.perf_counter()
     weights = random_phi3_weights(config, seed=0, device=device, dtype=dtype)
-    emit(figures, {"figure": "weights_drawn", "seconds": round(time.perf_counter() - start, 1),
-                   "parameters": sum(t.numel() for t in weights.values())})
+    emit({"figure": "weights_drawn", "seconds": round(time.perf_counter() - start, 1),
+          "parameters": sum(t.numel() for t in weights.values())})
     with tempfile.TemporaryDirectory() as directory:
         checkpoint = Path(directory)
         write_checkpoint(checkpoint, config, {}, dtype=dtype)  # config and tokenizer; the weights stay in memory
@@ -130,65 +157,71 @@ def main() -> None:
         options = {"device": args.device, "weights": weights, "num_kv_blocks": blocks, "enable_prefix_caching": False,
                    "max_model_len": max(args.prompt_len + args.new_tokens, args.prefill_len) + 16,
                    "max_num_seqs": max(256, args.batch), "max_num_batched_tokens": max(2048, args.prefill_len)}
-        emit(figures, {"figure": "kv_cache", "blocks": blocks,
-                       "bytes": blocks * kv_bytes_per_block(model_config, 16, dtype)})
-
-        if not args.skip_hf:
-            from transformers import Phi3Config, Phi3ForCausalLM
-
-            hf_config = Phi3Config.from_pretrained(checkpoint)
-            with torch.device("meta"):
-                hf = Phi3ForCausalLM(hf_config)
-            hf.load_state_dict(weights, assign=True, strict=False)  # the same tensors: no copy
-            with torch.device(device):  # its buffers, not weights: build them for real
-                hf.model.rotary_emb = type(hf.model.rotary_emb)(hf_config)
-            left_on_meta = [name for name, t in [*hf.named_parameters(), *hf.named_buffers()] if t.is_meta]
-            assert not left_on_meta, f"transformers' model kept tensors on the meta device: {left_on_meta}"
-            if hf_config.tie_word_embeddings:
-                hf.tie_weights()
-            hf.eval()
-            for batch in (1, args.hf_batch):
-                emit(figures, {"figure": "hf_decode", **hf_decode(hf, batch, args.prompt_len, args.new_tokens, vocab,
-                                                                    device)})
-            del hf
-            free(device)
-
         one_sequence = {**options, "num_kv_blocks": -(-options["max_model_len"] // 16) + 16}
-        llm = LLM(str(checkpoint), **options)
-        emit(figures, {"figure": "phi4", **run_offline(llm, args.prompt_len, args.new_tokens, 1)})
-        emit(figures, {"figure": "phi4", **run_offline(llm, args.prompt_len, args.new_tokens, args.batch)})
-        emit(figures, {"figure": "phi4_prefill", **run_offline(llm, args.prefill_len, 1, 1)})
+        emit({"figure": "kv_cache", "blocks": blocks, "bytes": blocks * kv_bytes_per_block(model_config, 16, dtype)})
         rng = random.Random(5)
         prompt = [rng.randrange(vocab) for _ in range(args.prompt_len)]
-        fast = greedy(llm, prompt, args.greedy_tokens)
         logit_prompts = [[rng.randrange(vocab) for _ in range(rng.randint(8, 64))] for _ in range(args.logit_prompts)]
-        reference = LLM(str(checkpoint), **{**one_sequence, "attention_backend": "torch"})
-        slow = greedy(reference, prompt, args.greedy_tokens)
-        agreed = next((i for i, (a, b) in enumerate(zip(fast, slow)) if a != b), len(fast))
-        emit(figures, {"figure": "greedy_vs_reference", "tokens": args.greedy_tokens, "equal_prefix": agreed,
-                       "equal": fast == slow})
-        del reference
-        free(device)
 
+        # phi4 first, transformers last: its anchors are known (DESIGN.md) if the run is cut short.
+        llm = None
+        with report.phase("phi4"):
+            llm = LLM(str(checkpoint), **options)
+            emit({"figure": "phi4", **run_offline(llm, args.prompt_len, args.new_tokens, 1)})
+            emit({"figure": "phi4", **run_offline(llm, args.prompt_len, args.new_tokens, args.batch)})
+            emit({"figure": "phi4_prefill", **run_offline(llm, args.prefill_len, 1, 1)})
+        with report.phase("greedy_vs_reference"):
+            assert llm is not None, "phi4 did not start"
+            fast = greedy(llm, prompt, args.greedy_tokens)
+            reference = LLM(str(checkpoint), **{**one_sequence, "attention_backend": "torch"})
+            slow = greedy(reference, prompt, args.greedy_tokens)
+            agreed = next((i for i, (a, b) in enumerate(zip(fast, slow)) if a != b), len(fast))
+            emit({"figure": "greedy_vs_reference", "tokens": args.greedy_tokens, "equal_prefix": agreed,
+                  "equal": fast == slow})
+            del reference
+        free(device)
         if not args.skip_fp8:
-            quantized = LLM(str(checkpoint), **{**one_sequence, "quantization": "fp8"})
-            emit(figures, {"figure": "phi4_fp8", **run_offline(quantized, args.prompt_len, args.new_tokens, 1)})
-            emit(figures, {"figure": "fp8_logit_error", **logit_error(llm, quantized, logit_prompts)})
-            del quantized
+            with report.phase("phi4_fp8"):
+                quantized = LLM(str(checkpoint), **{**one_sequence, "quantization": "fp8"})
+                emit({"figure": "phi4_fp8", **run_offline(quantized, args.prompt_len, args.new_tokens, 1)})
+                assert llm is not None, "phi4 did not start"
+                emit({"figure": "fp8_logit_error", **logit_error(llm, quantized, logit_prompts)})
+                del quantized
+            free(device)
+        if not args.skip_hf:
+            with report.phase("hf_decode"):
+                hf = shared_hf_model(checkpoint, weights, device)
+                for batch in (1, args.hf_batch):
+                    emit({"figure": "hf_decode", **hf_decode(hf, batch, args.prompt_len, args.new_tokens, vocab,
+                                                             device)})
+                del hf
             free(device)
 
-    by_name = {(f["figure"], f.get("num_seqs"), f.get("prompt_len")): f for f in figures}
+    by_name = {(f["figure"], f.get("num_seqs"), f.get("prompt_len")): f for f in report.figures}
     summary = {
         "phi4_bf16_batch1_tok_s": by_name.get(("phi4", 1, args.prompt_len), {}).get("decode_tok_s_total"),
         "phi4_bf16_batch64_tok_s": by_name.get(("phi4", args.batch, args.prompt_len), {}).get("decode_tok_s_total"),
         "phi4_prefill_2048_tok_s": by_name.get(("phi4_prefill", 1, args.prefill_len), {}).get("prefill_tok_s"),
         "phi4_fp8_batch1_tok_s": by_name.get(("phi4_fp8", 1, args.prompt_len), {}).get("decode_tok_s_total"),
     }
-    emit(figures, {"figure": "summary", **run_info, **summary,
-                   "targets": TARGETS if args.shape == "phi-4" else None})
-    if args.output is not None:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text("\n".join(json.dumps(f) for f in figures) + "\n")
+    emit({"figure": "summary", **run_info, **summary, "targets": TARGETS if args.shape == "phi-4" else None})
+
+
+def shared_hf_model(checkpoint: Path, weights: dict[str, torch.Tensor], device: torch.device) -> torch.nn.Module:
+    """transformers' Phi3ForCausalLM over the very tensors phi4 uses: no second copy of the weights."""
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    hf_config = Phi3Config.from_pretrained(checkpoint)
+    with torch.device("meta"):
+        hf = Phi3ForCausalLM(hf_config)
+    hf.load_state_dict(weights, assign=True, strict=False)
+    with torch.device(device):  # its buffers, not weights: build them for real
+        hf.model.rotary_emb = type(hf.model.rotary_emb)(hf_config)
+    left_on_meta = [name for name, t in [*hf.named_parameters(), *hf.named_buffers()] if t.is_meta]
+    assert not left_on_meta, f"transformers' model kept tensors on the meta device: {left_on_meta}"
+    if hf_config.tie_word_embeddings:
+        hf.tie_weights()
+    return hf.eval()
 
 
 if __name__ == "__main__":

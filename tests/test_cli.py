@@ -39,7 +39,9 @@ def test_the_gpu_benchmark_runs_end_to_end_on_the_demo_shape(tmp_path: Path) -> 
                     "--new-tokens", "6", "--batch", "3", "--hf-batch", "2", "--prefill-len", "40",
                     "--greedy-tokens", "6", "--logit-prompts", "2", "--output", str(output)],
                    check=True, capture_output=True, text=True, timeout=300)
-    figures = {f["figure"]: f for f in map(json.loads, output.read_text().splitlines())}
+    lines = [json.loads(line) for line in output.read_text().splitlines()]
+    assert not [f for f in lines if "error" in f]
+    figures = {f["figure"]: f for f in lines}
     assert figures["greedy_vs_reference"]["equal"], figures["greedy_vs_reference"]
     assert figures["summary"]["phi4_bf16_batch1_tok_s"] > 0
     assert {"hf_decode", "phi4", "phi4_prefill", "phi4_fp8", "fp8_logit_error"} <= set(figures)

@@ -47,3 +47,48 @@ def test_an_fp8_engine_generates_close_to_the_float_one(demo_dir) -> None:  # ty
     assert len(result.token_ids) == 12
     layer = quantized.engine.model.model.layers[0]
     assert layer.mlp.gate_up_proj.fp8 is not None and layer.mlp.gate_up_proj.weight.numel() == 0
+
+
+def test_a_prequantized_compressed_tensors_checkpoint_loads_as_its_own_float8_weights(tmp_path) -> None:  # noqa: ANN001
+    """`phi4 demo-model DIR --fp8` writes the layout published fp8 checkpoints use; loading it gives exactly
+    what quantizing the bf16 demo at load time gives, from half the bytes on disk."""
+    import json
+
+    from phi4.cli import main
+    from phi4.model.fp8 import FP8
+    from safetensors import safe_open
+
+    plain, packed = tmp_path / "bf16", tmp_path / "fp8"
+    assert main(["demo-model", str(plain)]) == 0 and main(["demo-model", str(packed), "--fp8"]) == 0
+    config = json.loads((packed / "config.json").read_text())
+    assert config["quantization_config"]["quant_method"] == "compressed-tensors"
+    with safe_open(str(packed / "model.safetensors"), framework="pt") as handle:
+        assert handle.get_tensor("model.layers.0.mlp.down_proj.weight").dtype == FP8
+        assert handle.get_tensor("model.layers.0.mlp.down_proj.weight_scale").shape[1] == 1
+        assert handle.get_tensor("lm_head.weight").dtype == torch.bfloat16
+    checkpoint_bytes = [sum(f.stat().st_size for f in d.glob("*.safetensors")) for d in (plain, packed)]
+    assert checkpoint_bytes[1] < checkpoint_bytes[0]
+    prompts = [[100 + i for i in range(20)], [5000, 6000, 7000]]
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, logprobs=2)
+    on_the_fly = LLM(str(plain), quantization="fp8", enable_prefix_caching=False)
+    prequantized = LLM(str(packed), enable_prefix_caching=False)  # fp8 without being asked: the checkpoint says so
+    assert prequantized.engine.model.model.layers[0].mlp.down_proj.fp8 is not None
+    assert [(r.token_ids, r.logprobs) for r in prequantized.generate(prompts, params)] == \
+        [(r.token_ids, r.logprobs) for r in on_the_fly.generate(prompts, params)]
+
+
+def test_an_unsupported_quantization_config_is_a_clear_error(tmp_path) -> None:  # noqa: ANN001
+    import json
+
+    import pytest
+
+    from phi4.cli import main
+    from phi4.errors import CheckpointError
+
+    directory = tmp_path / "awq"
+    assert main(["demo-model", str(directory)]) == 0
+    config = json.loads((directory / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "awq", "bits": 4}
+    (directory / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="awq"):
+        LLM(str(directory))

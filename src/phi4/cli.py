@@ -12,7 +12,7 @@ from pathlib import Path
 def _demo_model(args: argparse.Namespace) -> int:
     from phi4.demo import write_demo_checkpoint
 
-    path = write_demo_checkpoint(Path(args.directory), num_shards=args.shards)
+    path = write_demo_checkpoint(Path(args.directory), num_shards=args.shards, fp8=args.fp8)
     print(f"wrote the demo checkpoint to {path}")
     return 0
 
@@ -119,6 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo-model", help="write the offline demo checkpoint to a directory")
     demo.add_argument("directory")
     demo.add_argument("--shards", type=int, default=1, help="split the weights into this many safetensors files")
+    demo.add_argument("--fp8", action="store_true",
+                      help="pre-quantized float8 projections, in the compressed-tensors layout")
     demo.set_defaults(handler=_demo_model)
 
     serve = commands.add_parser("serve", help="the OpenAI-compatible HTTP server")

@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import save_file
 
 from phi4.bpe_conversion import load_tiktoken_ranks, tokenizer_json
+from phi4.model.compressed_tensors import QUANTIZATION_CONFIG, quantize_state
 
 DEMO_VERSION = 1
 # Phi-4's shape scaled down: same vocabulary, GQA ratio (4:1), rope theta and context.
@@ -100,15 +101,23 @@ def write_checkpoint(
     weights: dict[str, torch.Tensor],
     num_shards: int = 1,
     dtype: torch.dtype = torch.bfloat16,
+    fp8: bool = False,
 ) -> None:
-    """Write config, Phi-4's tokenizer files and weights (one file, or shards plus an index) to `directory`."""
+    """Write config, Phi-4's tokenizer files and weights (one file, or shards plus an index) to `directory`.
+
+    `fp8` writes the projections pre-quantized, in the compressed-tensors layout (model/compressed_tensors.py).
+    """
     directory.mkdir(parents=True, exist_ok=True)
     config = {**config, "torch_dtype": str(dtype).removeprefix("torch.")}
+    if fp8:
+        config["quantization_config"] = QUANTIZATION_CONFIG
     (directory / "config.json").write_text(json.dumps(config, indent=2))
     (directory / "tokenizer.json").write_text(phi4_tokenizer_json(), encoding="utf-8")
     for name in TOKENIZER_FILES:
         shutil.copyfile(asset_path("phi-4", name), directory / name)
     tensors = {name: t.to(dtype).contiguous() for name, t in weights.items()}
+    if fp8:
+        tensors = quantize_state(tensors)
     metadata = {"format": "pt"}
     if num_shards == 1:
         save_file(tensors, str(directory / "model.safetensors"), metadata=metadata)
@@ -125,9 +134,9 @@ def write_checkpoint(
     (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 
-def write_demo_checkpoint(directory: Path, num_shards: int = 1) -> Path:
+def write_demo_checkpoint(directory: Path, num_shards: int = 1, fp8: bool = False) -> Path:
     config = demo_config()
-    write_checkpoint(directory, config, random_phi3_weights(config), num_shards=num_shards)
+    write_checkpoint(directory, config, random_phi3_weights(config), num_shards=num_shards, fp8=fp8)
     return directory
 
 

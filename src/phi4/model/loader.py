@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 import json
 import re
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -13,6 +12,8 @@ from safetensors import SafetensorError, safe_open
 
 from phi4.config import ModelConfig, read_json
 from phi4.errors import CheckpointError, ModelNotFoundError
+from phi4.model.compressed_tensors import QUANTIZED_SUFFIXES, attach_fp8_weights, is_fp8_checkpoint
+from phi4.model.fp8 import FP8
 from phi4.model.phi3 import Phi3ForCausalLM
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -84,19 +85,29 @@ def load_model(
     full-size model once on the GPU and hand the same memory to transformers and to phi4.
     """
     config = ModelConfig.from_dir(directory)
+    prequantized = is_fp8_checkpoint(read_json(directory / "config.json"))
     with torch.device("meta"):
         model = Phi3ForCausalLM(config)
     expected = {name: tuple(p.shape) for name, p in model.named_parameters()}
     loaded: dict[str, torch.Tensor] = {}
+    scales: dict[str, torch.Tensor] = {}
 
     def take(source: str, name: str, tensor: torch.Tensor) -> None:
+        if prequantized and name.endswith(".weight_scale"):
+            scales[name] = tensor
+            return
         if name not in expected:
-            return  # e.g. a tied checkpoint that stores lm_head.weight anyway
+            return  # e.g. a tied checkpoint that stores lm_head.weight anyway, or static input scales
         if tuple(tensor.shape) != expected[name]:
             raise CheckpointError(
                 f"{source}: {name} has shape {list(tensor.shape)}, config.json implies {list(expected[name])}"
             )
-        loaded[name] = tensor.to(device=device, dtype=dtype)
+        keep_fp8 = tensor.dtype == FP8  # float8 values stay float8, scaled by their weight_scale
+        if keep_fp8 and not (prequantized and name.endswith(QUANTIZED_SUFFIXES)):
+            raise CheckpointError(f"{source}: {name} is float8; phi4 keeps only the attention and MLP projections "
+                                  "in fp8, from a checkpoint whose config.json has a compressed-tensors "
+                                  "quantization_config")
+        loaded[name] = tensor.to(device=device) if keep_fp8 else tensor.to(device=device, dtype=dtype)
 
     if weights is not None:
         for name, tensor in weights.items():
@@ -114,5 +125,8 @@ def load_model(
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise CheckpointError(f"{directory}: weights missing from the checkpoint: {shown}")
     model.load_state_dict(loaded, assign=True, strict=True)
+    if prequantized:
+        attach_fp8_weights(model, scales)
+        quantization = "fp8"  # the checkpoint's own float8 weights; the rest is quantized the same way
     model.prepare(batch_invariant, quantization, attention_backend)
     return model.eval()

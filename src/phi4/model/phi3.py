@@ -137,6 +137,8 @@ class Phi3ForCausalLM(nn.Module):
             for layer in self.model.layers:
                 for module in (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj,
                                layer.mlp.down_proj):
+                    if module.fp8 is not None:
+                        continue  # loaded as float8 from a pre-quantized checkpoint
                     module.fp8 = Fp8Weight.quantize(module.weight)
                     module.weight = nn.Parameter(module.weight.new_empty(0), requires_grad=False)
         head = embedding if config.tie_word_embeddings else self.lm_head.weight

@@ -33,6 +33,28 @@ def test_padded_linear_rows_are_bitwise_independent_of_the_row_count(shape: tupl
             assert torch.equal(batch_invariant.linear(x[:m], w)[:rows], reference[:rows]), f"{m} rows"
 
 
+@pytest.mark.parametrize("shape", [(384, 256), (1792, 256), (256, 896), (100352, 256), (77, 1000)])
+def test_the_rowwise_kernel_gives_a_row_the_same_bits_in_any_batch_at_any_address(shape: tuple[int, int]) -> None:
+    """The float32 CPU path's products (model/cpu_kernels.py): no row count, position or alignment matters."""
+    from phi4.model.cpu_kernels import rowwise_matmul
+
+    generator = torch.Generator().manual_seed(3)
+    weight = torch.randn(*shape, generator=generator)
+    x = torch.randn(40, shape[1], generator=generator)
+    reference = rowwise_matmul(x, weight)
+    assert torch.allclose(reference, F.linear(x, weight), rtol=1e-4, atol=1e-4)
+    for m in (1, 2, 3, 4, 5, 9, 16, 17, 40):
+        assert torch.equal(rowwise_matmul(x[:m], weight), reference[:m]), f"{m} rows"
+    assert torch.equal(rowwise_matmul(x[:9].flip(0), weight)[8], reference[0])
+    shifted = torch.empty(9 * shape[1] + 3)[3:].view(9, shape[1])  # rows 12 bytes off the usual alignment
+    shifted.copy_(x[:9])
+    assert torch.equal(rowwise_matmul(shifted, weight), reference[:9])
+    poisoned = x[:2].clone()
+    poisoned[1, 0] = float("inf")
+    assert torch.equal(rowwise_matmul(poisoned, weight)[0], reference[0])  # no fast-math shortcut leaks across rows
+    assert not torch.isfinite(rowwise_matmul(poisoned, weight)[1]).all()
+
+
 def test_lm_head_rows_are_bitwise_independent_of_position_and_neighbours() -> None:
     generator = torch.Generator().manual_seed(1)
     head = torch.randn(100352, 256, generator=generator)

@@ -1,9 +1,11 @@
-"""Matrix products whose every row is computed the same way whatever else is in the batch.
+"""Matrix products on MKL whose every row is computed the same way whatever else is in the batch.
 
 A BLAS picks its kernel, and so the order in which it sums, from the shape of the problem: on CPU, MKL
 computes a row of a 1-row product differently from the same row in a 16-row one. A request's numbers
 would then depend on the batch it happens to share, and "same seed, same output" would not hold under
-load. Two rules keep every row's arithmetic fixed:
+load. In float32 phi4 sidesteps MKL with its own row-wise kernel (cpu_kernels.py); this module serves
+the products that stay on MKL: the tiled attention's, the fp8 ones, and the layers in bfloat16 or float16
+on CPU. Two rules keep every row's arithmetic fixed:
 
 - Row counts are padded into one equivalence class. MKL's sgemm gives bitwise the same row for every row
   count in {4, 8} and from 12 up (measured for every matmul shape of the model; tests/test_batch_invariance

@@ -106,9 +106,9 @@ class Phi3ForCausalLM(nn.Module):
             self.lm_head = Linear(config.hidden_size, config.vocab_size)
         self.attention: AttentionBackend | None = None
         self.rotary: RotaryEmbedding | None = None
-        self.lm_head_weight: torch.Tensor | None = None
-        self._lm_head_out_major: torch.Tensor | None = None
-        self._linear = F.linear
+        self._lm_head_out_major = torch.empty(0)
+        self._linear: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.linear
+        self._lm_head: Callable[[torch.Tensor], torch.Tensor] = lambda hidden: hidden
         self._add_rms_norm = add_rms_norm
         self._silu_and_mul = silu_and_mul
         self._rotate: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = lambda x, rows: x
@@ -126,10 +126,7 @@ class Phi3ForCausalLM(nn.Module):
         embedding = self.model.embed_tokens.weight
         self.rotary = RotaryEmbedding(config, embedding.device, embedding.dtype)
         self.batch_invariant = batch_invariant
-        self._linear = batch_invariant_ops.linear if batch_invariant else F.linear
         self._add_rms_norm, self._silu_and_mul, self._rotate = add_rms_norm, silu_and_mul, self.rotary.apply
-        if embedding.device.type == "cuda":
-            self._use_triton_ops(batch_invariant)
         self.attention = make_attention(attention_backend, embedding.device, batch_invariant, config)
         if quantization not in (None, "fp8"):
             raise ValueError(f"unknown quantization {quantization!r}; phi4 knows fp8")
@@ -142,20 +139,46 @@ class Phi3ForCausalLM(nn.Module):
                     module.fp8 = Fp8Weight.quantize(module.weight)
                     module.weight = nn.Parameter(module.weight.new_empty(0), requires_grad=False)
         head = embedding if config.tie_word_embeddings else self.lm_head.weight
-        self.lm_head_weight = head.detach()  # a plain tensor: not a second registered parameter
-        self._lm_head_out_major = head.detach().contiguous()
-        if embedding.device.type == "cpu":
-            # On CPU, decode is bound by MKL's fp32 kernels, whose speed depends on the weight layout. A
-            # matrix-vector product reads weights stored [in, out] about 3x faster than the checkpoint's
-            # [out, in], so every weight becomes a transposed view of a transposed copy (same values and
-            # shapes; F.linear takes the fast path). For the LM head with 2-16 rows, W @ x^T over the
-            # original layout is faster still, so the head keeps both layouts (measured: 100k x 256 head,
-            # 4.8 ms at 1 row instead of 12.5; 4-7 ms at 2-8 rows instead of 15-26).
-            for module in self.modules():
-                if isinstance(module, Linear) and module.fp8 is None:
-                    module.weight = nn.Parameter(module.weight.t().contiguous().t(), requires_grad=False)
-            if not batch_invariant:  # the batch-invariant head reads only the original layout
-                self.lm_head_weight = head.detach().t().contiguous().t()
+        self._lm_head_out_major = head.detach().contiguous()  # a plain tensor: not a second parameter
+        if embedding.device.type == "cuda":
+            self._use_triton_ops(batch_invariant)
+        elif embedding.dtype == torch.float32:
+            self._use_rowwise_kernel(batch_invariant)
+        else:
+            self._use_padded_blas(batch_invariant)
+
+    def _use_rowwise_kernel(self, batch_invariant: bool) -> None:
+        """CPU, float32: phi4's row-wise kernel (model/cpu_kernels.py) on the weights as stored [out, in].
+
+        Batch-invariant, every product runs on it; otherwise it runs up to 16 rows, where it is the fastest
+        kernel, and MKL beyond.
+        """
+        from phi4.model import cpu_kernels
+
+        product = cpu_kernels.rowwise_matmul if batch_invariant else cpu_kernels.fastest_matmul
+        head = self._lm_head_out_major
+        self._linear = product
+        self._lm_head = lambda hidden: product(hidden, head)
+
+    def _use_padded_blas(self, batch_invariant: bool) -> None:
+        """CPU in bfloat16 or float16: MKL, with the row-count classes of model/batch_invariant.py.
+
+        A matrix-vector product reads weights stored [in, out] about 3x faster than the checkpoint's
+        [out, in], so every weight becomes a transposed view of a transposed copy (same values and
+        shapes); the LM head keeps its original layout too, for W @ x^T at 2 rows and more.
+        """
+        for module in self.modules():
+            if isinstance(module, Linear) and module.fp8 is None:
+                module.weight = nn.Parameter(module.weight.t().contiguous().t(), requires_grad=False)
+        head = self._lm_head_out_major
+        if batch_invariant:
+            self._linear = batch_invariant_ops.linear
+            self._lm_head = lambda hidden: batch_invariant_ops.lm_head(hidden, head)
+            return
+        head_in_out = head.t().contiguous().t()
+        self._linear = F.linear
+        self._lm_head = lambda hidden: (torch.mm(head, hidden.t()).t() if hidden.shape[0] > 1
+                                        else F.linear(hidden, head_in_out))
 
     @torch.inference_mode()
     def forward(
@@ -194,7 +217,10 @@ class Phi3ForCausalLM(nn.Module):
         assert rotary is not None
         self._add_rms_norm, self._silu_and_mul = triton_ops.add_rms_norm, triton_ops.silu_and_mul
         self._rotate = lambda x, rows: triton_ops.rotary(x, rotary.cos, rotary.sin, rows)
-        self._linear = triton_ops.matmul if batch_invariant else F.linear
+        product = triton_ops.matmul if batch_invariant else F.linear
+        head = self._lm_head_out_major
+        self._linear = product
+        self._lm_head = lambda hidden: product(hidden, head)
 
     def _project(self, x: torch.Tensor, module: Linear) -> torch.Tensor:
         if module.fp8 is not None:
@@ -203,11 +229,4 @@ class Phi3ForCausalLM(nn.Module):
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        assert self._lm_head_out_major is not None and self.lm_head_weight is not None
-        if self.batch_invariant:
-            if hidden.device.type == "cuda":
-                return self._linear(hidden, self._lm_head_out_major).float()
-            return batch_invariant_ops.lm_head(hidden, self._lm_head_out_major).float()
-        if hidden.device.type == "cpu" and hidden.shape[0] > 1:
-            return torch.mm(self._lm_head_out_major, hidden.t()).t().float()
-        return F.linear(hidden, self.lm_head_weight).float()
+        return self._lm_head(hidden).float()

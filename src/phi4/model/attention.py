@@ -164,9 +164,10 @@ class TiledPagedAttention:
     batch_invariant) and per-entry shapes that do not depend on how many sequences share the call. So a
     token computes the same bits alone or batched, prefilled whole or in chunks, or decoded.
 
-    Layout: per kv head, the batched products run over sequences, each entry `[rows, head_dim]` with rows =
-    (query, head in group). The mask is an additive bias (0 or -inf) built once per step and folded into
-    the score product by `baddbmm`.
+    Layout: the batched products run over (kv head, sequence) entries, each `[rows, head_dim]` with rows =
+    (query, head in group): one product per step of the online softmax whatever the number of kv heads.
+    The mask is an additive bias (0 or -inf) built once per step and folded into the score product by
+    `baddbmm`; the first tile needs no rescaling.
     """
 
     KEY_TILE = 256
@@ -214,7 +215,7 @@ class TiledPagedAttention:
     def _tile_plan(
         self, kv_slots: torch.Tensor, allowed: torch.Tensor, dtype: torch.dtype
     ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], int]:
-        """kv_slots [B, L] and allowed [B, n, L] cut into key tiles: (slots [B, tile], bias [B, rows, tile])."""
+        """kv_slots [B, L] and allowed [B, n, L] cut into key tiles: (slots [B, tile], bias [E or 1, rows, tile])."""
         rows = allowed.shape[1] * self.group
         padded_rows = invariant_rows(rows)
         allowed = allowed.repeat_interleave(self.group, dim=1)  # rows are (token, head in group), token-major
@@ -224,6 +225,8 @@ class TiledPagedAttention:
         kv_slots = pad_rows(kv_slots, padded_length, dim=1)
         allowed = pad_rows(allowed, padded_length, dim=2)
         bias = torch.zeros(allowed.shape, device=allowed.device, dtype=dtype).masked_fill_(~allowed, float("-inf"))
+        if bias.shape[0] > 1:  # one mask per sequence, for each kv head: entries are (kv head, sequence)
+            bias = bias.repeat(self.num_kv_heads, 1, 1)
         tiles = [
             (kv_slots[:, start : start + self.KEY_TILE], bias[..., start : start + self.KEY_TILE])
             for start in range(0, padded_length, self.KEY_TILE)
@@ -241,21 +244,24 @@ class TiledPagedAttention:
         batch, n, _, head_dim = queries.shape
         kv_heads, group = self.num_kv_heads, self.group
         rows = n * group
+        entries = kv_heads * batch
         q_rows = queries.view(batch, n, kv_heads, group, head_dim).permute(2, 0, 1, 3, 4)
         q_rows = pad_rows(q_rows.reshape(kv_heads, batch, rows, head_dim), padded_rows, dim=2)
-        # Each tile is gathered once as [B, tile, kv_heads, head_dim] (whole cache rows, the fastest gather);
-        # a kv head's keys are then a strided view that the batched product reads without a copy.
-        gathered = [(k_cache[slots], v_cache[slots], bias) for slots, bias in tiles]
-        out = queries.new_empty(batch, n, kv_heads, group, head_dim)
-        for head in range(kv_heads):
-            attended = self._online_softmax(q_rows[head], [(k[:, :, head], v[:, :, head], b) for k, v, b in gathered])
-            out[:, :, head] = attended[:, :rows].view(batch, n, group, head_dim)
-        return out.view(batch, n, kv_heads * group, head_dim)
+        q_rows = q_rows.reshape(entries, padded_rows, head_dim)
+
+        def by_entry(cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+            # whole cache rows are the fastest gather; one copy then puts each (kv head, sequence) together
+            return cache[slots].permute(2, 0, 1, 3).reshape(entries, -1, head_dim)
+
+        attended = self._online_softmax(q_rows, [(by_entry(k_cache, slots), by_entry(v_cache, slots), bias)
+                                                 for slots, bias in tiles])
+        out = attended[:, :rows].reshape(kv_heads, batch, n, group, head_dim).permute(1, 2, 0, 3, 4)
+        return out.reshape(batch, n, kv_heads * group, head_dim)
 
     def _online_softmax(
         self, q_rows: torch.Tensor, tiles: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
     ) -> torch.Tensor:
-        """q_rows [B, rows, head_dim] over tiles of (keys, values [B, tile, head_dim], bias [B or 1, rows, tile])."""
+        """q_rows [E, rows, head_dim] over tiles of (keys, values [E, tile, head_dim], bias [E or 1, rows, tile])."""
         running_max = running_sum = acc = None
         for keys, values, bias in tiles:
             scores = torch.baddbmm(bias, q_rows, keys.transpose(1, 2), alpha=self.scale)

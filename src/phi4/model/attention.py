@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from functools import cached_property
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -116,10 +117,17 @@ class AttentionMetadata:
         return prefills, decodes
 
 
-class TorchPagedAttention:
+class PagedAttention:
+    """What every backend does alike: write this step's keys and values into the cache, then attend with a
+    plan that the backend derives from the step's metadata once and every layer reuses."""
+
+    name = "paged"
+
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int) -> None:
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
+        self.group = num_heads // num_kv_heads
+        self.head_dim = head_dim
         self.scale = head_dim**-0.5
 
     def forward(
@@ -133,6 +141,28 @@ class TorchPagedAttention:
     ) -> torch.Tensor:
         k_cache[metadata.slot_mapping] = k
         v_cache[metadata.slot_mapping] = v
+        plan = metadata.backend_plans.get(self.name)
+        if plan is None:
+            plan = metadata.backend_plans[self.name] = self.plan(metadata, q.dtype)
+        return self.attend(q, k_cache, v_cache, plan)
+
+    def plan(self, metadata: AttentionMetadata, dtype: torch.dtype) -> Any:
+        raise NotImplementedError
+
+    def attend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, plan: Any) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class TorchPagedAttention(PagedAttention):
+    """The reference: each prefill through SDPA with its causal mask, all decodes in one padded SDPA call."""
+
+    name = "torch"
+
+    def plan(self, metadata: AttentionMetadata, dtype: torch.dtype) -> AttentionMetadata:
+        return metadata  # its per-sequence slices are derived once, by the metadata itself
+
+    def attend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+               metadata: AttentionMetadata) -> torch.Tensor:
         out = torch.empty_like(q)
         gqa = self.num_heads != self.num_kv_heads
         for seq in metadata.prefills:
@@ -155,7 +185,7 @@ class TorchPagedAttention:
         return out
 
 
-class TiledPagedAttention:
+class TiledPagedAttention(PagedAttention):
     """Batch-invariant attention: keys in fixed tiles of KEY_TILE, an online softmax across tiles.
 
     A query's result depends only on its own keys. Within a tile every reduction has the same length
@@ -170,36 +200,19 @@ class TiledPagedAttention:
     `baddbmm`; the first tile needs no rescaling.
     """
 
+    name = "tiled"
     KEY_TILE = 256
 
-    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int) -> None:
-        self.num_heads = num_heads
-        self.num_kv_heads = num_kv_heads
-        self.group = num_heads // num_kv_heads
-        self.scale = head_dim**-0.5
-
-    def forward(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        k_cache: torch.Tensor,
-        v_cache: torch.Tensor,
-        metadata: AttentionMetadata,
-    ) -> torch.Tensor:
-        k_cache[metadata.slot_mapping] = k
-        v_cache[metadata.slot_mapping] = v
-        plans = metadata.backend_plans.get("tiled")
-        if plans is None:
-            plans = metadata.backend_plans["tiled"] = self._plan(metadata, q.device, q.dtype)
+    def attend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, plan: list) -> torch.Tensor:
         out = torch.empty_like(q)
-        for (rows, n), plan in plans:  # type: ignore[misc]
-            attended = self._attend(q[rows].view(-1, n, *q.shape[1:]), plan, k_cache, v_cache)
+        for (rows, n), sequences in plan:
+            attended = self._attend(q[rows].view(-1, n, *q.shape[1:]), sequences, k_cache, v_cache)
             out[rows] = attended.reshape(-1, *q.shape[1:])
         return out
 
-    def _plan(self, metadata: AttentionMetadata, device: torch.device, dtype: torch.dtype) -> list:
-        """Per call: the query rows, and the tiles of slots and mask biases that every layer reuses."""
+    def plan(self, metadata: AttentionMetadata, dtype: torch.dtype) -> list:
+        """Per step: the query rows, and the tiles of slots and mask biases that every layer reuses."""
+        device = metadata.device
         plans = []
         for seq in metadata.prefills:
             rows = torch.arange(seq.start, seq.end, device=device)

@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from phi4.model.attention import AttentionMetadata
+from phi4.model.attention import AttentionMetadata, PagedAttention
 
 LOG2_E = 1.4426950408889634
 
@@ -181,16 +181,15 @@ class TritonPlan:
     block_size: int
 
 
-class TritonPagedAttention:
+class TritonPagedAttention(PagedAttention):
     """The GPU backend: same interface and cache layout as the torch backends in attention.py."""
+
+    name = "triton"
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, *, segment: int = 512,
                  block_n: int = 64) -> None:
-        self.num_heads = num_heads
-        self.num_kv_heads = num_kv_heads
-        self.head_dim = head_dim
+        super().__init__(num_heads, num_kv_heads, head_dim)
         self.padded_head_dim = max(16, triton.next_power_of_2(head_dim))  # Phi-4-mini's 96 runs as 128, masked
-        self.group = num_heads // num_kv_heads
         self.group_pad = triton.next_power_of_2(self.group)
         self.block_m = max(16, self.group_pad)  # tl.dot needs 16 rows; the same for every launch
         self.tokens_per_tile = self.block_m // self.group_pad
@@ -200,7 +199,7 @@ class TritonPagedAttention:
         self.block_n = block_n
         self.scale_log2e = head_dim**-0.5 * LOG2_E
 
-    def plan(self, metadata: AttentionMetadata) -> TritonPlan:
+    def plan(self, metadata: AttentionMetadata, dtype: torch.dtype | None = None) -> TritonPlan:
         device, size = metadata.device, metadata.block_size
         query_lens, context_lens = metadata.query_lens, metadata.context_lens
         width = max((c + size - 1) // size for c in context_lens)
@@ -224,23 +223,6 @@ class TritonPagedAttention:
             split=all(q == 1 for q in query_lens), max_segments=-(-max(context_lens) // self.segment),
             block_size=size,
         )
-
-    def forward(
-        self,
-        q: torch.Tensor,  # [T, heads, head_dim]
-        k: torch.Tensor,  # [T, kv_heads, head_dim]
-        v: torch.Tensor,
-        k_cache: torch.Tensor,  # [num_slots, kv_heads, head_dim]
-        v_cache: torch.Tensor,
-        metadata: AttentionMetadata,
-    ) -> torch.Tensor:
-        k_cache[metadata.slot_mapping] = k
-        v_cache[metadata.slot_mapping] = v
-        plan = metadata.backend_plans.get("triton")
-        if plan is None:
-            plan = metadata.backend_plans["triton"] = self.plan(metadata)
-        assert isinstance(plan, TritonPlan)
-        return self.attend(q, k_cache, v_cache, plan)
 
     def attend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, plan: TritonPlan) -> torch.Tensor:
         out = torch.empty_like(q)

@@ -10,11 +10,10 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import statistics
 
-import torch
 
 from phi4 import LLM
+from phi4.bench import logit_error
 
 
 def main() -> None:
@@ -26,19 +25,9 @@ def main() -> None:
     quantized = LLM("demo", device=args.device, enable_prefix_caching=False, quantization="fp8")
     rng = random.Random(0)
     prompts = [[rng.randrange(100, 100_000) for _ in range(rng.randint(8, 64))] for _ in range(args.prompts)]
-    max_delta, kls, agree = 0.0, [], 0
-    for prompt in prompts:
-        ref = reference.engine.prompt_logits(prompt)[-1]
-        fp8 = quantized.engine.prompt_logits(prompt)[-1]
-        max_delta = max(max_delta, float((ref - fp8).abs().max()))
-        log_p, log_q = torch.log_softmax(ref, -1), torch.log_softmax(fp8, -1)
-        kls.append(float((log_p.exp() * (log_p - log_q)).sum()))
-        agree += int(ref.argmax() == fp8.argmax())
     print(json.dumps({
-        "figure": "fp8_logit_error", "prompts": len(prompts), "max_abs_delta": round(max_delta, 4),
-        "logit_range": round(float(ref.abs().max()), 2), "mean_kl": round(statistics.fmean(kls), 5),
-        "greedy_agreement": round(agree / len(prompts), 3), "device": str(reference.engine.device),
-        "reference_dtype": str(reference.engine.dtype).removeprefix("torch."),
+        "figure": "fp8_logit_error", **logit_error(reference, quantized, prompts),
+        "device": str(reference.engine.device), "reference_dtype": str(reference.engine.dtype).removeprefix("torch."),
     }))
 
 

@@ -24,7 +24,6 @@ import contextlib
 import gc
 import json
 import random
-import statistics
 import tempfile
 import time
 import traceback
@@ -35,7 +34,7 @@ from typing import Any
 import torch
 
 from phi4 import LLM, SamplingParams
-from phi4.bench import run_offline
+from phi4.bench import logit_error, run_offline
 from phi4.demo import demo_config, random_phi3_weights, reference_config, write_checkpoint
 from phi4.engine.runner import kv_bytes_per_block
 from phi4.config import ModelConfig
@@ -102,19 +101,6 @@ def hf_decode(model: torch.nn.Module, batch: int, prompt_len: int, new_tokens: i
 
 def greedy(llm: LLM, prompt: list[int], tokens: int) -> list[int]:
     return llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=True))[0].token_ids
-
-
-def logit_error(reference: LLM, quantized: LLM, prompts: list[list[int]]) -> dict[str, Any]:
-    max_delta, kls, agree = 0.0, [], 0
-    for prompt in prompts:
-        ref = reference.engine.prompt_logits(prompt)[-1].float()
-        fp8 = quantized.engine.prompt_logits(prompt)[-1].float()
-        max_delta = max(max_delta, float((ref - fp8).abs().max()))
-        log_p, log_q = torch.log_softmax(ref, -1), torch.log_softmax(fp8, -1)
-        kls.append(float((log_p.exp() * (log_p - log_q)).sum()))
-        agree += int(ref.argmax() == fp8.argmax())
-    return {"prompts": len(prompts), "max_abs_delta": round(max_delta, 4), "mean_kl": round(statistics.fmean(kls), 6),
-            "greedy_agreement": round(agree / len(prompts), 3)}
 
 
 def main() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import resource
+import statistics
 import sys
 import time
 from typing import Any
@@ -56,3 +57,19 @@ def run_offline(
         "device": str(device), "dtype": str(llm.engine.dtype).removeprefix("torch."),
         "batch_invariant": llm.engine.model.batch_invariant,
     }
+
+
+def logit_error(reference: LLM, quantized: LLM, prompts: list[list[int]]) -> dict[str, Any]:
+    """How far `quantized` moves the next-token logits of `reference` over `prompts`: max |Δ|, mean
+    KL(reference || quantized) and how often the greedy token stays the same."""
+    max_delta, kls, agree, logit_range = 0.0, [], 0, 0.0
+    for prompt in prompts:
+        ref = reference.engine.prompt_logits(prompt)[-1].float()
+        low = quantized.engine.prompt_logits(prompt)[-1].float()
+        max_delta = max(max_delta, float((ref - low).abs().max()))
+        logit_range = max(logit_range, float(ref.abs().max()))
+        log_p, log_q = torch.log_softmax(ref, -1), torch.log_softmax(low, -1)
+        kls.append(float((log_p.exp() * (log_p - log_q)).sum()))
+        agree += int(ref.argmax() == low.argmax())
+    return {"prompts": len(prompts), "max_abs_delta": round(max_delta, 4), "logit_range": round(logit_range, 2),
+            "mean_kl": round(statistics.fmean(kls), 6), "greedy_agreement": round(agree / len(prompts), 3)}

@@ -41,10 +41,7 @@ def _serve(args: argparse.Namespace) -> int:
         max_num_batched_tokens=args.max_num_batched_tokens,
         gpu_memory_utilization=args.gpu_memory_utilization,
         enable_prefix_caching=not args.no_prefix_caching,
-        batch_invariant=not args.no_batch_invariance,
-        quantization=args.quantization,
-        attention_backend=args.attention_backend,
-        cuda_graphs=not args.enforce_eager,
+        **_numerics(args),
     )
     return serve(ServeOptions(
         model=args.model, host=args.host, port=args.port, served_model_name=args.served_model_name,
@@ -97,10 +94,9 @@ def _bench(args: argparse.Namespace) -> int:
     from phi4 import LLM
     from phi4.bench import run_offline
 
-    llm = LLM(args.model, device=args.device, dtype=args.dtype, batch_invariant=not args.no_batch_invariance,
-              quantization=args.quantization, enable_prefix_caching=False, max_num_seqs=max(256, max(args.num_seqs)),
-              max_num_batched_tokens=max(2048, args.max_num_batched_tokens), attention_backend=args.attention_backend,
-              cuda_graphs=not args.enforce_eager)
+    llm = LLM(args.model, device=args.device, dtype=args.dtype, enable_prefix_caching=False,
+              max_num_seqs=max(256, max(args.num_seqs)), max_num_batched_tokens=max(2048, args.max_num_batched_tokens),
+              **_numerics(args))
     for num_seqs in args.num_seqs:
         for _ in range(args.repeats):
             figures = run_offline(llm, args.prompt_len, args.output_len, num_seqs, ignore_eos=args.ignore_eos)
@@ -109,7 +105,22 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
-ATTENTION_BACKENDS = ["auto", "triton", "tiled", "torch"]
+def _add_numerics_options(parser: argparse.ArgumentParser) -> None:
+    """How the model computes: the same options for serve and bench."""
+    parser.add_argument("--no-batch-invariance", action="store_true",
+                        help="fastest kernels; a request's output may then change with the load")
+    parser.add_argument("--quantization", choices=["fp8"], default=None, help="float8 weights (per-channel scales)")
+    parser.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps")
+    parser.add_argument("--attention-backend", choices=["auto", "triton", "tiled", "torch"], default="auto",
+                        help="auto: Triton on CUDA; torch: the reference backend")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", default="auto")
+
+
+def _numerics(args: argparse.Namespace) -> dict[str, object]:
+    """The EngineConfig fields that _add_numerics_options sets."""
+    return {"batch_invariant": not args.no_batch_invariance, "quantization": args.quantization,
+            "attention_backend": args.attention_backend, "cuda_graphs": not args.enforce_eager}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -135,14 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-queue", type=int, default=1024, help="waiting requests beyond this get 429")
     serve.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     serve.add_argument("--no-prefix-caching", action="store_true")
-    serve.add_argument("--no-batch-invariance", action="store_true",
-                       help="fastest kernels; a request's output may then change with the load")
-    serve.add_argument("--quantization", choices=["fp8"], default=None, help="float8 weights (per-channel scales)")
-    serve.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps")
-    serve.add_argument("--attention-backend", choices=ATTENTION_BACKENDS, default="auto",
-                       help="auto: Triton on CUDA; torch: the reference backend")
-    serve.add_argument("--device", default="auto")
-    serve.add_argument("--dtype", default="auto")
+    _add_numerics_options(serve)
     serve.set_defaults(handler=_serve)
 
     evaluate = commands.add_parser("eval", help="MMLU, GPQA, MATH or HumanEval against an OpenAI-compatible endpoint")
@@ -170,13 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="always generate --output-len tokens (default: on)")
     bench.add_argument("--repeats", type=int, default=1)
     bench.add_argument("--max-num-batched-tokens", type=int, default=2048)
-    bench.add_argument("--no-batch-invariance", action="store_true")
-    bench.add_argument("--quantization", choices=["fp8"], default=None)
-    bench.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps")
-    bench.add_argument("--attention-backend", choices=ATTENTION_BACKENDS, default="auto",
-                       help="auto: Triton on CUDA; torch: the reference backend")
-    bench.add_argument("--device", default="auto")
-    bench.add_argument("--dtype", default="auto")
+    _add_numerics_options(bench)
     bench.set_defaults(handler=_bench)
 
     generate = commands.add_parser("generate", help="complete one prompt offline and print JSON")

@@ -17,7 +17,7 @@ import torch
 
 from phi4.model.attention import AttentionMetadata
 from phi4.model.phi3 import Phi3ForCausalLM
-from phi4.model.triton_attention import TritonPagedAttention, TritonPlan
+from phi4.model.triton_attention import TritonPagedAttention, TritonPlan, block_table_rows
 
 BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 80, 96, 112, 128, 160, 192, 224, 256)
 
@@ -36,11 +36,11 @@ class DecodeGraphs:
         device = kv_caches.device
         largest = self.buckets[-1]
         self.width = -(-max_model_len // block_size)
-        # Rows: input ids, rotary rows, slots, context lengths, query lengths (1, or 0 for padding).
-        self.step = torch.zeros(5, largest, dtype=torch.long, device=device)
+        # Rows: input ids, rotary rows, slots (the model's inputs); then the attention's int32 lengths: context,
+        # and query (1, or 0 for padding).
+        self.step = torch.zeros(3, largest, dtype=torch.long, device=device)
+        self.lengths = torch.zeros(2, largest, dtype=torch.int32, device=device)
         self.block_tables = torch.zeros(largest, self.width, dtype=torch.int32, device=device)
-        self.context_lens = torch.zeros(largest, dtype=torch.int32, device=device)
-        self.query_lens = torch.zeros(largest, dtype=torch.int32, device=device)
         self.query_starts = torch.arange(largest, dtype=torch.int32, device=device)
         self.tile_first = torch.zeros(largest, dtype=torch.int32, device=device)
         self.max_segments = -(-max_model_len // attention.segment)
@@ -65,17 +65,17 @@ class DecodeGraphs:
         size = self.bucket(rows)
         padding = size - rows
         step = torch.tensor([input_ids + [0] * padding, rope_rows + [0] * padding,
-                             slots + [self.scratch_slot] * padding, context_lens + [0] * padding,
-                             [1] * rows + [0] * padding], dtype=torch.long)
-        tables = torch.zeros(size, self.width, dtype=torch.int32)
-        for row, blocks in enumerate(block_tables):
-            tables[row, : len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
+                             slots + [self.scratch_slot] * padding], dtype=torch.long)
+        lengths = torch.tensor([context_lens + [0] * padding, [1] * rows + [0] * padding], dtype=torch.int32)
+        # Only as many columns as the longest context needs: the kernels never read a row past its context,
+        # so what earlier steps left further right does not matter.
+        table_rows = block_table_rows(block_tables + [[]] * padding, context_lens + [0] * padding, self.block_size)
+        tables = torch.tensor(table_rows, dtype=torch.int32)
         if self.capture:
-            step, tables = step.pin_memory(), tables.pin_memory()
+            step, lengths, tables = step.pin_memory(), lengths.pin_memory(), tables.pin_memory()
         self.step[:, :size].copy_(step, non_blocking=True)
-        self.block_tables[:size].copy_(tables, non_blocking=True)
-        self.context_lens[:size].copy_(self.step[3, :size])
-        self.query_lens[:size].copy_(self.step[4, :size])
+        self.lengths[:, :size].copy_(lengths, non_blocking=True)
+        self.block_tables[:size, : tables.shape[1]].copy_(tables, non_blocking=True)
         if not self.capture:
             return self._forward(size)[:rows]
         if size not in self.graphs:
@@ -91,8 +91,8 @@ class DecodeGraphs:
 
     def _forward(self, size: int) -> torch.Tensor:
         plan = TritonPlan(
-            block_tables=self.block_tables[:size], context_lens=self.context_lens[:size],
-            query_lens=self.query_lens[:size], query_starts=self.query_starts[:size],
+            block_tables=self.block_tables[:size], context_lens=self.lengths[0, :size],
+            query_lens=self.lengths[1, :size], query_starts=self.query_starts[:size],
             tile_seq=self.query_starts[:size], tile_first=self.tile_first[:size], split=True,
             max_segments=self.max_segments, block_size=self.block_size,
         )

@@ -55,7 +55,7 @@ class ModelRunner:
             device=self.device, dtype=self.dtype,
         )
         self.decode_graphs: DecodeGraphs | None = None
-        if cuda_graphs and type(model.attention).__name__ == "TritonPagedAttention":
+        if cuda_graphs and model.attention is not None and model.attention.name == "triton":
             from phi4.engine.decode_graphs import DecodeGraphs  # Triton is needed only here
 
             self.decode_graphs = DecodeGraphs(model, self.kv_caches, block_size, max_model_len, max_num_seqs,

@@ -84,8 +84,9 @@ def load_model(
     Tensors already on `device` in `dtype` are used as they are, not copied: a benchmark can build a
     full-size model once on the GPU and hand the same memory to transformers and to phi4.
     """
-    config = ModelConfig.from_dir(directory)
-    prequantized = is_fp8_checkpoint(read_json(directory / "config.json"))
+    raw_config = read_json(directory / "config.json")
+    config = ModelConfig.from_dict(raw_config, str(directory / "config.json"))
+    prequantized = is_fp8_checkpoint(raw_config)
     with torch.device("meta"):
         model = Phi3ForCausalLM(config)
     expected = {name: tuple(p.shape) for name, p in model.named_parameters()}

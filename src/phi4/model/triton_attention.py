@@ -166,6 +166,16 @@ def _merge_segments_kernel(
              out.to(out_ptr.dtype.element_ty), mask=row_valid[:, None] & (dims < head_dim)[None, :])
 
 
+def block_table_rows(block_tables: list[list[int]], context_lens: list[int], block_size: int) -> list[list[int]]:
+    """Each sequence's blocks up to its context, padded with block 0 to the longest: one rectangular table.
+
+    The kernels never read past a sequence's context, so the padding is never looked at.
+    """
+    needed = [-(-context_len // block_size) for context_len in context_lens]
+    width = max(needed, default=0)
+    return [blocks[:count] + [0] * (width - count) for blocks, count in zip(block_tables, needed)]
+
+
 @dataclass
 class TritonPlan:
     """One step's index tensors, shared by every layer."""
@@ -202,8 +212,7 @@ class TritonPagedAttention(PagedAttention):
     def plan(self, metadata: AttentionMetadata, dtype: torch.dtype | None = None) -> TritonPlan:
         device, size = metadata.device, metadata.block_size
         query_lens, context_lens = metadata.query_lens, metadata.context_lens
-        width = max((c + size - 1) // size for c in context_lens)
-        tables = [blocks[:width] + [0] * (width - len(blocks[:width])) for blocks in metadata.block_tables]
+        tables = block_table_rows(metadata.block_tables, context_lens, size)
         tile_seq: list[int] = []
         tile_first: list[int] = []
         for index, query_len in enumerate(query_lens):

@@ -12,6 +12,11 @@ picks its kernel, and with it the summation order, from the row count.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+
 import torch
 import triton
 import triton.language as tl
@@ -150,16 +155,32 @@ def _sum_splits_kernel(partial_ptr, out_ptr, total, SPLITS: tl.constexpr, BLOCK:
     tl.store(out_ptr + offsets, acc.to(out_ptr.dtype.element_ty), mask=valid)
 
 
-def matmul_config(n: int, k: int) -> dict[str, int]:
-    """The tile sizes for a weight [n, k]: a function of the weight alone, never of the row count.
+@dataclass(frozen=True)
+class MatmulPlan:
+    launch: Mapping[str, int]  # the kernel's tile sizes and launch options
+    splits: int  # parts of the k reduction, summed in order afterwards
+    k_per_split: int
+    block_m: int
+    tiles_n: int
+
+
+@functools.cache
+def matmul_plan(n: int, k: int, interpreted: bool) -> MatmulPlan:
+    """The tiles for a weight [n, k]: a function of the weight alone, never of the row count; worked out
+    once per weight shape, not per call.
 
     A decode step reads the weights once, so its speed is memory bandwidth times the share of the GPU it
     keeps busy: narrow outputs get narrow tiles, and a narrow output with a long reduction (Phi-4's o_proj and
     down_proj, 5120 columns) is also split along k into a fixed number of parts, summed in a fixed order.
     """
-    split_k = 4 if n <= 8192 and k >= 4096 else 1
-    return {"BLOCK_M": 64, "BLOCK_N": 32 if n <= 8192 else 64 if n <= 32768 else 128, "BLOCK_K": 64, "GROUP_M": 8,
-            "SPLIT_K": split_k, "num_warps": 4, "num_stages": 4}
+    block_m, block_k = 64, 64
+    block_n = 32 if n <= 8192 else 64 if n <= 32768 else 128
+    splits = 4 if n <= 8192 and k >= 4096 else 1
+    launch = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": 8}
+    if not interpreted:  # Triton's interpreter has no pipeline depth or warps
+        launch |= {"num_warps": 4, "num_stages": 4}
+    k_per_split = triton.cdiv(triton.cdiv(k, splits), block_k) * block_k
+    return MatmulPlan(MappingProxyType(launch), splits, k_per_split, block_m, triton.cdiv(n, block_n))
 
 
 def matmul(x: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dtype | None = None,
@@ -176,19 +197,16 @@ def matmul(x: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dtype | None 
     out = x.new_empty(m, n, dtype=out_dtype or x.dtype)
     if m == 0:
         return out
-    config = matmul_config(n, k)
-    splits = config.pop("SPLIT_K")
-    if x.device.type == "cpu":  # Triton's interpreter: a pipeline depth and warp count mean nothing there
-        config = {key: value for key, value in config.items() if key not in ("num_warps", "num_stages")}
-    k_per_split = triton.cdiv(triton.cdiv(k, splits), config["BLOCK_K"]) * config["BLOCK_K"]
+    plan = matmul_plan(n, k, x.device.type == "cpu")
+    splits = plan.splits
     target = out if splits == 1 else torch.empty(splits, m, n, device=x.device, dtype=torch.float32)
-    grid = (triton.cdiv(m, config["BLOCK_M"]) * triton.cdiv(n, config["BLOCK_N"]), splits)
+    grid = (triton.cdiv(m, plan.block_m) * plan.tiles_n, splits)
     scaled = x_scale is not None
     if scaled:
         assert weight_scale is not None and out_dtype is not None, "fp8 products need both scales and an out_dtype"
     _matmul_kernel[grid](x, weight, target, x_scale if scaled else x, weight_scale if scaled else weight, m, n, k,
-                         x.stride(0), weight.stride(0), n, k_per_split,
-                         PRECISION="ieee" if x.dtype == torch.float32 else "tf32", SCALED=scaled, **config)
+                         x.stride(0), weight.stride(0), n, plan.k_per_split,
+                         PRECISION="ieee" if x.dtype == torch.float32 else "tf32", SCALED=scaled, **plan.launch)
     if splits > 1:
         block = 1024
         _sum_splits_kernel[(triton.cdiv(m * n, block),)](target, out, m * n, SPLITS=splits, BLOCK=block)

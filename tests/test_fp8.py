@@ -7,7 +7,8 @@ import random
 import torch
 
 from phi4 import LLM, SamplingParams
-from phi4.model.fp8 import FP8_MAX, Fp8Weight, fp8_linear, quantize_activations
+from phi4.model.cpu_kernels import PackedWeight, linear
+from phi4.model.fp8 import FP8_MAX, Fp8Weight, quantize_activations
 
 
 def test_weights_round_trip_within_float8_precision() -> None:
@@ -20,15 +21,25 @@ def test_weights_round_trip_within_float8_precision() -> None:
     assert bool((error <= weight.abs() * 2**-4 + packed.scale[:, None] * 2**-9 + 1e-12).all())
 
 
+def fp8_product(x: torch.Tensor, weight: PackedWeight) -> torch.Tensor:
+    """What the CPU model computes for a float8 projection: per-token activation scales, float8 weights."""
+    values, scale = quantize_activations(x)
+    return linear(values.float(), weight, scale)
+
+
 def test_fp8_products_track_the_float_ones_and_do_not_depend_on_the_batch() -> None:
     generator = torch.Generator().manual_seed(1)
     weight, x = torch.randn(896, 256, generator=generator), torch.randn(40, 256, generator=generator)
-    packed = Fp8Weight.quantize(weight)
-    out = fp8_linear(x, packed, batch_invariant=True)
+    quantized = Fp8Weight.quantize(weight)
+    packed = PackedWeight.pack(quantized.values, quantized.scale)
+    out = fp8_product(x, packed)
+    values, scale = quantize_activations(x)
+    # exactly _scaled_mm's arithmetic: float8 x float8 products summed in float32, then both scales
+    expected = (values.double() @ quantized.values.double().t()) * scale.double()[:, None] * quantized.scale[None, :]
+    torch.testing.assert_close(out, expected.float(), rtol=1e-5, atol=1e-4)
     reference = x @ weight.t()
     assert float((out - reference).abs().max() / reference.abs().max()) < 0.05
-    assert all(torch.equal(fp8_linear(x[:m], packed, True)[0], out[0]) for m in (1, 2, 5, 9, 17))
-    values, scale = quantize_activations(x)
+    assert all(torch.equal(fp8_product(x[:m], packed)[0], out[0]) for m in (1, 2, 5, 9, 17))
     assert torch.allclose(values.float() * scale[:, None], x, rtol=2**-4, atol=1e-6)
 
 
@@ -46,7 +57,8 @@ def test_an_fp8_engine_generates_close_to_the_float_one(demo_dir) -> None:  # ty
     result = quantized.generate("Hello", SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True))[0]
     assert len(result.token_ids) == 12
     layer = quantized.engine.model.model.layers[0]
-    assert layer.mlp.gate_up_proj.fp8 is not None and layer.mlp.gate_up_proj.weight.numel() == 0
+    assert layer.mlp.gate_up_proj.packed.dtype == torch.float8_e4m3fn  # the kernel reads the float8 bytes
+    assert layer.mlp.gate_up_proj.weight.numel() == 0
 
 
 def test_a_prequantized_compressed_tensors_checkpoint_loads_as_its_own_float8_weights(tmp_path) -> None:  # noqa: ANN001
@@ -72,7 +84,7 @@ def test_a_prequantized_compressed_tensors_checkpoint_loads_as_its_own_float8_we
     params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, logprobs=2)
     on_the_fly = LLM(str(plain), quantization="fp8", enable_prefix_caching=False)
     prequantized = LLM(str(packed), enable_prefix_caching=False)  # fp8 without being asked: the checkpoint says so
-    assert prequantized.engine.model.model.layers[0].mlp.down_proj.fp8 is not None
+    assert prequantized.engine.model.model.layers[0].mlp.down_proj.packed.dtype == torch.float8_e4m3fn
     assert [(r.token_ids, r.logprobs) for r in prequantized.generate(prompts, params)] == \
         [(r.token_ids, r.logprobs) for r in on_the_fly.generate(prompts, params)]
 

@@ -264,6 +264,9 @@ def test_the_readme_curl_example_works_as_written(server: Server) -> None:
     command = re.search(r"```bash\n(curl http://127\.0\.0\.1:8000/api/v1/chat/completions.*?)\n```", readme, re.S)
     assert command, "the README shows the seed's curl example"
     script = command.group(1).replace("127.0.0.1:8000", f"127.0.0.1:{server.port}")
+    # As written it asks for no limit (the demo would talk to the end of its context): a test keeps it short.
+    script = script.replace("]}'", '], "max_tokens": 8}\'')
+    assert '"max_tokens": 8' in script
     result = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=60,
                             env={**os.environ, "KEY": API_KEY})
     body = json.loads(result.stdout)

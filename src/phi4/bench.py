@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import platform
 import random
 import resource
 import statistics
@@ -13,6 +14,18 @@ import torch
 
 from phi4.llm import LLM
 from phi4.sampling_params import SamplingParams
+
+
+def cpu_name() -> str:
+    """The CPU's model name (`lscpu`'s), which every CPU figure names: Intel and AMD differ."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def peak_memory_bytes(device: torch.device) -> int:

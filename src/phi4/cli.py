@@ -111,8 +111,8 @@ def _add_numerics_options(parser: argparse.ArgumentParser) -> None:
                         help="fastest kernels; a request's output may then change with the load")
     parser.add_argument("--quantization", choices=["fp8"], default=None, help="float8 weights (per-channel scales)")
     parser.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps")
-    parser.add_argument("--attention-backend", choices=["auto", "triton", "tiled", "torch"], default="auto",
-                        help="auto: Triton on CUDA; torch: the reference backend")
+    parser.add_argument("--attention-backend", choices=["auto", "triton", "cpu", "torch"], default="auto",
+                        help="auto: Triton on CUDA, phi4's kernel on CPU; torch: the reference backend")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
 

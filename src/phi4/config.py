@@ -174,7 +174,7 @@ class EngineConfig:
     # Every token computed in an order independent of the batch: same seed, same output under any load.
     batch_invariant: bool = True
     quantization: str | None = None  # "fp8": float8 weights with per-channel scales (model/fp8.py)
-    # "auto": Triton kernels on CUDA, the tiled (batch-invariant) or SDPA attention on CPU; "torch" forces
+    # "auto": Triton kernels on CUDA, phi4's kernel on CPU (both batch-invariant); "torch" forces
     # the reference backend, against which the others are tested.
     attention_backend: str = "auto"
     # Decode steps replayed from CUDA graphs (with the Triton attention); False runs every step eagerly.

@@ -31,8 +31,9 @@ def resolve_device(device: str) -> torch.device:
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """The dtype of activations and the KV cache: bf16 on GPUs (as Phi-4 is stored), float32 on CPU, where
+    phi4's kernels compute as the reference does and read the weights in their stored precision."""
     if dtype == "auto":
-        # bf16 on GPUs (as Phi-4 is stored); float32 on CPU, where it is both faster and exact.
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     try:
         resolved = getattr(torch, dtype)
@@ -40,6 +41,9 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
         resolved = None
     if not isinstance(resolved, torch.dtype) or not resolved.is_floating_point:
         raise InvalidRequestError(f"unknown dtype {dtype!r}; use auto, float32, bfloat16 or float16", "dtype")
+    if device.type == "cpu" and resolved != torch.float32:
+        raise InvalidRequestError(f"on CPU phi4 computes in float32 (bf16 weights are read as stored and widened "
+                                  f"exactly); dtype {dtype!r} is for CUDA", "dtype")
     return resolved
 
 

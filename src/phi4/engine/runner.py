@@ -46,8 +46,7 @@ class ModelRunner:
         self.closing_tiers: ClosingTiers | None = None  # set by the engine once a request has a grammar
         # Grammar masks are computed on this thread while the model runs (llguidance releases the GIL).
         self._mask_worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="phi4-masks")
-        weight = model.model.embed_tokens.weight
-        self.device, self.dtype = weight.device, weight.dtype
+        self.device, self.dtype = model.model.norm.weight.device, model.compute_dtype
         config = self.config
         # One block more than the block manager hands out: a scratch slot for padding rows to write into.
         self.kv_caches = torch.zeros(

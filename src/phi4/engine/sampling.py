@@ -63,13 +63,21 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow], allowed: torch.Tensor 
     logits = _apply_penalties(logits, rows)
     if allowed is not None:
         logits = logits.masked_fill(~allowed, float("-inf"))
-    greedy = logits.argmax(dim=-1)
+    greedy = _argmax(logits)
     if all(row.params.temperature == 0.0 for row in rows):
         chosen = greedy
     else:
         chosen = _draw(logits, greedy, rows)
     token_ids = chosen.tolist()
     return SampleResult(token_ids, _logprobs(raw, token_ids, rows))
+
+
+def _argmax(logits: torch.Tensor) -> torch.Tensor:
+    if logits.is_cuda:
+        return logits.argmax(dim=-1)
+    from phi4.model import cpu_kernels
+
+    return cpu_kernels.argmax(logits.contiguous())
 
 
 def _apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:

@@ -3,8 +3,9 @@
 Every backend takes the same `AttentionMetadata` and the same cache layout, per layer
 `[num_slots, kv_heads, head_dim]` for K and for V, where slot = block_id * block_size + offset.
 `TorchPagedAttention` gathers each sequence's keys and values and runs SDPA: the reference that faster
-backends are tested against. `TiledPagedAttention` computes the same thing in a fixed order per query, so
-that results do not depend on the batch, on chunked prefill, or on the prefix cache.
+backends are tested against. `CpuPagedAttention` (phi4's CPU kernel) and the Triton backend compute the
+same thing in a fixed order per query, so that results do not depend on the batch, on chunked prefill, or
+on the prefix cache.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from phi4.model.batch_invariant import invariant_rows, pad_rows
+from phi4.model.layers import RotaryEmbedding
 
 
 @dataclass
@@ -185,108 +186,39 @@ class TorchPagedAttention(PagedAttention):
         return out
 
 
-class TiledPagedAttention(PagedAttention):
-    """Batch-invariant attention: keys in fixed tiles of KEY_TILE, an online softmax across tiles.
+class CpuPagedAttention(PagedAttention):
+    """phi4's CPU kernel (cpu_kernels.c): the rotary embedding and the cache write fused with the qkv
+    projection's output, then every query attends to its own keys with an exact softmax, in an order fixed
+    per query. Batch-invariant by construction and on any CPU: nothing depends on the other queries."""
 
-    A query's result depends only on its own keys. Within a tile every reduction has the same length
-    whatever the context; tiles past a query's position are fully masked and leave its running max, sum
-    and output exactly unchanged; the matrix products see row counts of one equivalence class (see
-    batch_invariant) and per-entry shapes that do not depend on how many sequences share the call. So a
-    token computes the same bits alone or batched, prefilled whole or in chunks, or decoded.
+    name = "cpu"
 
-    Layout: the batched products run over (kv head, sequence) entries, each `[rows, head_dim]` with rows =
-    (query, head in group): one product per step of the online softmax whatever the number of kv heads.
-    The mask is an additive bias (0 or -inf) built once per step and folded into the score product by
-    `baddbmm`; the first tile needs no rescaling.
-    """
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, rotary: RotaryEmbedding) -> None:
+        super().__init__(num_heads, num_kv_heads, head_dim)
+        self.rotary = rotary
 
-    name = "tiled"
-    KEY_TILE = 256
+    def forward_qkv(self, qkv: torch.Tensor, rope_rows: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    metadata: AttentionMetadata) -> torch.Tensor:
+        """qkv [T, (heads + 2 kv_heads) * head_dim] from the projection -> attention output [T, heads * head_dim]."""
+        from phi4.model import cpu_kernels
 
-    def attend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, plan: list) -> torch.Tensor:
-        out = torch.empty_like(q)
-        for (rows, n), sequences in plan:
-            attended = self._attend(q[rows].view(-1, n, *q.shape[1:]), sequences, k_cache, v_cache)
-            out[rows] = attended.reshape(-1, *q.shape[1:])
-        return out
+        rotary = self.rotary
+        cpu_kernels.rotary_and_cache(qkv, self.num_heads, self.num_kv_heads, self.head_dim, rotary.rotary_dim,
+                                     rotary.cos, rotary.sin, rope_rows, metadata.slot_mapping, k_cache, v_cache)
+        plan = metadata.backend_plans.get(self.name)
+        if plan is None:
+            plan = metadata.backend_plans[self.name] = self.plan(metadata, qkv.dtype)
+        return cpu_kernels.attention(qkv, k_cache, v_cache, plan, self.num_heads, self.num_kv_heads, self.head_dim,
+                                     self.scale, metadata.block_size)
 
-    def plan(self, metadata: AttentionMetadata, dtype: torch.dtype) -> list:
-        """Per step: the query rows, and the tiles of slots and mask biases that every layer reuses."""
-        device = metadata.device
-        plans = []
-        for seq in metadata.prefills:
-            rows = torch.arange(seq.start, seq.end, device=device)
-            plans.append(((rows, seq.end - seq.start),
-                          self._tile_plan(seq.kv_slots.unsqueeze(0), seq.causal_mask.unsqueeze(0), dtype)))
-        group = metadata.decodes
-        if group is not None:
-            longest = group.kv_slots.shape[1]
-            allowed = (torch.arange(longest, device=device)[None, :] < group.context_lens[:, None]).unsqueeze(1)
-            plans.append(((group.rows, 1), self._tile_plan(group.kv_slots, allowed, dtype)))
-        return plans
+    def plan(self, metadata: AttentionMetadata, dtype: torch.dtype) -> Any:
+        from phi4.model.cpu_kernels import AttentionPlan
 
-    def _tile_plan(
-        self, kv_slots: torch.Tensor, allowed: torch.Tensor, dtype: torch.dtype
-    ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], int]:
-        """kv_slots [B, L] and allowed [B, n, L] cut into key tiles: (slots [B, tile], bias [E or 1, rows, tile])."""
-        rows = allowed.shape[1] * self.group
-        padded_rows = invariant_rows(rows)
-        allowed = allowed.repeat_interleave(self.group, dim=1)  # rows are (token, head in group), token-major
-        allowed = pad_rows(allowed, padded_rows, dim=1)
-        allowed[:, rows:, 0] = True  # padding rows see key 0, so that they stay finite
-        padded_length = -(-kv_slots.shape[1] // self.KEY_TILE) * self.KEY_TILE
-        kv_slots = pad_rows(kv_slots, padded_length, dim=1)
-        allowed = pad_rows(allowed, padded_length, dim=2)
-        bias = torch.zeros(allowed.shape, device=allowed.device, dtype=dtype).masked_fill_(~allowed, float("-inf"))
-        if bias.shape[0] > 1:  # one mask per sequence, for each kv head: entries are (kv head, sequence)
-            bias = bias.repeat(self.num_kv_heads, 1, 1)
-        tiles = [
-            (kv_slots[:, start : start + self.KEY_TILE], bias[..., start : start + self.KEY_TILE])
-            for start in range(0, padded_length, self.KEY_TILE)
-        ]
-        return tiles, padded_rows
-
-    def _attend(
-        self,
-        queries: torch.Tensor,  # [B, n, heads, head_dim]
-        plan: tuple[list[tuple[torch.Tensor, torch.Tensor]], int],
-        k_cache: torch.Tensor,
-        v_cache: torch.Tensor,
-    ) -> torch.Tensor:
-        tiles, padded_rows = plan
-        batch, n, _, head_dim = queries.shape
-        kv_heads, group = self.num_kv_heads, self.group
-        rows = n * group
-        entries = kv_heads * batch
-        q_rows = queries.view(batch, n, kv_heads, group, head_dim).permute(2, 0, 1, 3, 4)
-        q_rows = pad_rows(q_rows.reshape(kv_heads, batch, rows, head_dim), padded_rows, dim=2)
-        q_rows = q_rows.reshape(entries, padded_rows, head_dim)
-
-        def by_entry(cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-            # whole cache rows are the fastest gather; one copy then puts each (kv head, sequence) together
-            return cache[slots].permute(2, 0, 1, 3).reshape(entries, -1, head_dim)
-
-        attended = self._online_softmax(q_rows, [(by_entry(k_cache, slots), by_entry(v_cache, slots), bias)
-                                                 for slots, bias in tiles])
-        out = attended[:, :rows].reshape(kv_heads, batch, n, group, head_dim).permute(1, 2, 0, 3, 4)
-        return out.reshape(batch, n, kv_heads * group, head_dim)
-
-    def _online_softmax(
-        self, q_rows: torch.Tensor, tiles: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
-    ) -> torch.Tensor:
-        """q_rows [E, rows, head_dim] over tiles of (keys, values [E, tile, head_dim], bias [E or 1, rows, tile])."""
-        running_max = running_sum = acc = None
-        for keys, values, bias in tiles:
-            scores = torch.baddbmm(bias, q_rows, keys.transpose(1, 2), alpha=self.scale)
-            tile_max = scores.amax(dim=-1)
-            new_max = tile_max if running_max is None else torch.maximum(running_max, tile_max)
-            probs = torch.exp(scores - new_max.unsqueeze(-1))
-            if running_max is None:  # the first tile: nothing to rescale
-                running_sum, acc = probs.sum(dim=-1), torch.bmm(probs, values)
-            else:
-                correction = torch.exp(running_max - new_max)
-                running_sum = running_sum * correction + probs.sum(dim=-1)
-                acc = torch.baddbmm(acc * correction.unsqueeze(-1), probs, values)
-            running_max = new_max
-        assert acc is not None and running_sum is not None
-        return acc / running_sum.unsqueeze(-1)
+        starts = [0]
+        for query_len in metadata.query_lens:
+            starts.append(starts[-1] + query_len)
+        width = max(len(table) for table in metadata.block_tables)
+        tables = [table + [0] * (width - len(table)) for table in metadata.block_tables]
+        return AttentionPlan(torch.tensor(starts, dtype=torch.int32),
+                             torch.tensor(metadata.context_lens, dtype=torch.int32),
+                             torch.tensor(tables, dtype=torch.int32))

@@ -1,58 +1,218 @@
-"""x @ W.T on CPU with one fixed-order dot product per output element (compiled by numba).
+"""phi4's CPU kernels (cpu_kernels.c): built for this CPU on first use, called through ctypes.
 
-Why not MKL: a BLAS picks its kernel, and with it the order of every sum, from the problem's shape, so a
-token's row comes out differently alone and in a batch of 16. This kernel computes each output element
-as the dot product of a row of x and a row of W, vectorised along K by LLVM in an order that depends on
-K alone; the loop over rows and the split of columns across threads never touch that order, and neither
-does where a row sits in memory (tested). Every row is therefore bitwise the same whatever shares its
-batch: batch invariance by construction, with no padding.
+Every kernel computes each output element by one fixed sequence of float32 operations that depends on
+that element's inputs alone, so a token's bits never depend on the batch, on how its prompt was chunked or
+on the instruction set, and nothing rests on what a BLAS library happens to do on one machine. Weights are
+packed at load into 64-column blocks in their stored precision and widened in registers (exact).
 
-It is also fast where decode lives: reading each weight row once from memory for every token of the
-step, it beats MKL up to about 16 rows (demo LM head 100352 x 256: 3.6 ms at 1 row against MKL's 5.1,
-14 ms at 16 against 18; see benchmarks/batch_invariance_cost.py). Beyond, MKL's blocked GEMM is up to 2x
-faster, so only the batch-invariant path uses this kernel for prefill.
+The library is compiled with the system's C compiler (`$CC`, else `cc`) for the CPU at hand
+(`-march=native`) into `$PHI4_CACHE/kernels`, keyed by the source, the compiler and the CPU, and linked
+against the OpenMP runtime that torch has already loaded, so both share one pool of threads.
 """
 
 from __future__ import annotations
 
+import ctypes
 import functools
+import hashlib
 import os
-from collections.abc import Callable
+import platform
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 
-# Up to this many rows the kernel is faster than MKL (measured on the demo and 1024-wide shapes).
-FASTEST_ROWS = 16
+from phi4.errors import Phi4Error
+
+BLOCK_COLS = 64
+FORMATS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.float8_e4m3fn: 3}
+BUILD_FLAGS = ("-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-fno-math-errno", "-fPIC", "-shared")
+
+
+class KernelBuildError(Phi4Error, RuntimeError):
+    """The CPU kernels could not be compiled (no C compiler, or it failed)."""
+
+
+def _cpu_signature() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def build_library(extra_flags: tuple[str, ...] = ()) -> Path:
+    """Compile cpu_kernels.c for this CPU (once: the result is cached) and return the shared library."""
+    from phi4.demo import cache_dir
+
+    source = Path(str(resources.files("phi4.model").joinpath("cpu_kernels.c")))
+    compiler = os.environ.get("CC", "cc")
+    try:
+        version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError) as exc:
+        raise KernelBuildError(f"phi4's CPU kernels need a C compiler and {compiler!r} cannot be run ({exc}); "
+                               "install one (e.g. apt install gcc) or set CC") from exc
+    flags = (*BUILD_FLAGS, *extra_flags)
+    key = hashlib.sha256("\0".join([source.read_text(), version, _cpu_signature(), *flags]).encode()).hexdigest()
+    target = cache_dir() / "kernels" / f"phi4_cpu-{key[:16]}.so"
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    handle, staging = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(handle)
+    try:
+        result = subprocess.run([compiler, *flags, "-o", staging, str(source), "-lm"], capture_output=True, text=True)
+        if result.returncode != 0:
+            raise KernelBuildError(f"compiling phi4's CPU kernels failed:\n{result.stderr[-4000:]}")
+        os.replace(staging, target)  # atomic: concurrent builders agree
+    finally:
+        if os.path.exists(staging):
+            os.unlink(staging)
+    return target
+
+
+_P = ctypes.c_void_p
+_I = ctypes.c_int64
+_SIGNATURES = {
+    "phi4_linear": [_P, _I, _I, _I, _P, ctypes.c_int, _I, _P, _P, _P, _I, ctypes.c_int],
+    "phi4_add_rms_norm": [_P, _P, _P, ctypes.c_float, _I, _I, _P, _P, ctypes.c_int],
+    "phi4_silu_and_mul": [_P, _I, _I, _P, ctypes.c_int],
+    "phi4_rotary_and_cache": [_P, _I, _I, _I, _I, _I, _I, _P, _P, _P, _P, _P, _P, ctypes.c_int],
+    "phi4_argmax": [_P, _I, _I, _I, _P, ctypes.c_int],
+    "phi4_attention": [_P, _I, _P, _P, _P, _I, _I, _P, _P, _P, _I, _I, _I, _I, _I, ctypes.c_float, ctypes.c_int],
+}
+
+
+def load_library(path: Path) -> ctypes.CDLL:
+    import torch  # noqa: F401  (torch's OpenMP runtime must be loaded first, so the kernels share it)
+
+    library = ctypes.CDLL(str(path))
+    for name, argtypes in _SIGNATURES.items():
+        function = getattr(library, name)
+        function.argtypes = argtypes
+        function.restype = None
+    library.phi4_isa.restype = ctypes.c_char_p
+    return library
 
 
 @functools.cache
-def _kernel() -> Callable[[np.ndarray, np.ndarray, np.ndarray], None]:
-    """numba is imported, and the kernel compiled or read from its cache, on first use."""
-    if "NUMBA_CACHE_DIR" not in os.environ:  # beside the installed package may not be writable
-        from phi4.demo import cache_dir
-
-        os.environ["NUMBA_CACHE_DIR"] = str(cache_dir() / "numba")
-    import numba
-
-    from phi4.model._rowwise_kernel import rowwise_matmul
-
-    # as many threads as torch uses, so that the two never oversubscribe the cores
-    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
-    return rowwise_matmul
+def kernels() -> ctypes.CDLL:
+    return load_library(build_library())
 
 
-def rowwise_matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x [M, K] @ weight[N, K].T in float32, every row computed the same way whatever M is."""
-    assert x.dtype == weight.dtype == torch.float32 and weight.is_contiguous(), "float32, weight [out, in]"
-    x = x.contiguous()
-    out = torch.empty(x.shape[0], weight.shape[0], dtype=torch.float32)
-    if x.shape[0]:
-        _kernel()(x.numpy(), weight.numpy(), out.numpy())
+def _threads() -> int:
+    return torch.get_num_threads()
+
+
+@dataclass(frozen=True)
+class PackedWeight:
+    """A [out, in] weight packed for the kernels: blocks of 64 output columns, [ceil(out/64), in, 64], in
+    the stored precision (float8 as raw bytes, with per-output scales), zero-padded past the last column."""
+
+    blocks: torch.Tensor
+    out_features: int
+    in_features: int
+    format: int
+    scale: torch.Tensor | None = None  # float32 per output column, padded to the blocks: float8 only
+
+    @classmethod
+    def pack(cls, weight: torch.Tensor, scale: torch.Tensor | None = None) -> PackedWeight:
+        if weight.dtype not in FORMATS:
+            raise ValueError(f"no CPU kernel reads {weight.dtype} weights")
+        out_features, in_features = weight.shape
+        padded = -(-out_features // BLOCK_COLS) * BLOCK_COLS
+        raw = weight.view(torch.uint8) if weight.dtype == torch.float8_e4m3fn else weight
+        if padded != out_features:
+            raw = torch.cat((raw, raw.new_zeros(padded - out_features, in_features)))
+        blocks = raw.view(padded // BLOCK_COLS, BLOCK_COLS, in_features).transpose(1, 2).contiguous()
+        if scale is not None:
+            scale = torch.cat((scale.float(), scale.new_zeros(padded - out_features, dtype=torch.float32)))
+        return cls(blocks, out_features, in_features, FORMATS[weight.dtype], scale)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The stored precision the kernel reads."""
+        return next(dtype for dtype, code in FORMATS.items() if code == self.format)
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows of the unpacked weight (an embedding lookup in a tied LM head), widened to float32."""
+        rows = self.blocks[ids // BLOCK_COLS, :, ids % BLOCK_COLS]
+        return rows.view(torch.float8_e4m3fn).float() if self.format == 3 else rows.float()
+
+
+def linear(x: torch.Tensor, weight: PackedWeight, x_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """x [M, in] (float32, rows contiguous) @ weight.T -> [M, out]; float8 weights take per-row x_scale."""
+    assert x.dtype == torch.float32 and x.stride(-1) == 1 and x.shape[-1] == weight.in_features
+    out = torch.empty(x.shape[0], weight.out_features, dtype=torch.float32)
+    kernels().phi4_linear(
+        x.data_ptr(), x.shape[0], weight.in_features, x.stride(0), weight.blocks.data_ptr(), weight.format,
+        weight.out_features, None if x_scale is None else x_scale.data_ptr(),
+        None if weight.scale is None else weight.scale.data_ptr(), out.data_ptr(), out.stride(0), _threads(),
+    )
     return out
 
 
-def fastest_matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """The faster of this kernel and MKL for the row count: batch invariance not guaranteed."""
-    return rowwise_matmul(x, weight) if x.shape[0] <= FASTEST_ROWS else F.linear(x, weight)
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
+                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(RMSNorm(x + residual), x + residual), rows of float32 [T, hidden]."""
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    summed = torch.empty_like(x) if residual is None else residual  # the residual stream is updated in place
+    kernels().phi4_add_rms_norm(x.data_ptr(), None if residual is None else residual.data_ptr(), weight.data_ptr(),
+                                eps, x.shape[0], x.shape[1], out.data_ptr(), summed.data_ptr(), _threads())
+    return out, summed
+
+
+def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    rows, width = gate_up.shape[0], gate_up.shape[1] // 2
+    out = torch.empty(rows, width, dtype=torch.float32)
+    kernels().phi4_silu_and_mul(gate_up.contiguous().data_ptr(), rows, width, out.data_ptr(), _threads())
+    return out
+
+
+def rotary_and_cache(qkv: torch.Tensor, heads: int, kv_heads: int, head_dim: int, rotary_dim: int,
+                     cos: torch.Tensor, sin: torch.Tensor, rope_rows: torch.Tensor, slots: torch.Tensor,
+                     k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
+    """Rotate q and k of qkv [T, (heads + 2 kv_heads) * head_dim] in place; write k and v to their slots."""
+    assert qkv.stride(-1) == 1 and rope_rows.dtype == slots.dtype == torch.int64
+    kernels().phi4_rotary_and_cache(
+        qkv.data_ptr(), qkv.shape[0], qkv.stride(0), heads, kv_heads, head_dim, rotary_dim, cos.data_ptr(),
+        sin.data_ptr(), rope_rows.data_ptr(), slots.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), _threads(),
+    )
+
+
+def argmax(logits: torch.Tensor) -> torch.Tensor:
+    """Each row's most likely token [B] (int64), ties to the lowest id: torch's argmax is ~10x slower on CPU."""
+    assert logits.dtype == torch.float32 and logits.stride(-1) == 1
+    out = torch.empty(logits.shape[0], dtype=torch.int64)
+    kernels().phi4_argmax(logits.data_ptr(), logits.shape[0], logits.shape[1], logits.stride(0), out.data_ptr(),
+                          _threads())
+    return out
+
+
+@dataclass(frozen=True)
+class AttentionPlan:
+    """One step's sequences for the kernel, as int32: where each one's queries start in the flat batch
+    [B + 1], its context length with this step's tokens [B], and its block table padded [B, max_blocks]."""
+
+    query_start: torch.Tensor
+    context_lens: torch.Tensor
+    block_tables: torch.Tensor
+
+
+def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, plan: AttentionPlan, heads: int,
+              kv_heads: int, head_dim: int, scale: float, block_size: int) -> torch.Tensor:
+    """q [T, heads * head_dim] (rows may be strided) over the paged cache -> [T, heads * head_dim]."""
+    out = torch.empty(q.shape[0], heads * head_dim, dtype=torch.float32)
+    kernels().phi4_attention(
+        q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(), out.data_ptr(), out.stride(0),
+        plan.context_lens.shape[0], plan.query_start.data_ptr(), plan.context_lens.data_ptr(),
+        plan.block_tables.data_ptr(), plan.block_tables.shape[1], block_size, heads, kv_heads, head_dim, scale,
+        _threads(),
+    )
+    return out

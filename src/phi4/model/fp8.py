@@ -1,9 +1,10 @@
 """fp8 weights (`--quantization fp8`): float8_e4m3 with one scale per output channel, activations
-quantized per token at run time, products on `torch._scaled_mm` (Hopper on GPU; also on CPU in torch 2.13),
-or, on CUDA with batch invariance on, on the Triton matmul of triton_ops (same arithmetic, tiles fixed).
+quantized per token at run time. On CUDA the products run on `torch._scaled_mm` (Hopper) or, with batch
+invariance on, on the Triton matmul of triton_ops (same arithmetic, tiles fixed); on CPU on phi4's kernel,
+which reads the float8 bytes as they are (model/cpu_kernels.c).
 
-Reading half the bytes of bf16 is what lifts the batch-1 decode ceiling on a GPU; on CPU the point is to
-test the numerics. The LM head stays in the model's dtype, as vLLM does: it decides every token.
+Reading half the bytes of bf16 is what lifts the batch-1 decode ceiling. The LM head stays in the model's
+dtype, as vLLM does: it decides every token.
 """
 
 from __future__ import annotations
@@ -11,8 +12,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-
-from phi4.model.batch_invariant import invariant_rows, pad_rows
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max  # 448
@@ -43,17 +42,17 @@ def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def fp8_linear(x: torch.Tensor, weight: Fp8Weight, batch_invariant: bool) -> torch.Tensor:
-    rows = x.shape[0]
-    if x.is_cuda and batch_invariant:  # cuBLASLt picks its kernel by row count; Triton's tiles do not move
+    """On CUDA: the Triton matmul when batch-invariant, else cuBLASLt through `_scaled_mm`."""
+    values, scale = quantize_activations(x)
+    if batch_invariant:  # cuBLASLt picks its kernel by row count; Triton's tiles do not move
         from phi4.model import triton_ops
 
-        values, scale = quantize_activations(x)
         return triton_ops.matmul(values, weight.values, x.dtype, scale, weight.scale)
-    if x.is_cuda:  # cuBLASLt's fp8 kernels want every dimension a multiple of 16
-        x = pad_rows(x, -(-rows // 16) * 16)
-    elif batch_invariant:  # the same row-count classes as every other product (see batch_invariant.py)
-        x = pad_rows(x, invariant_rows(rows))
-    values, scale = quantize_activations(x)
+    rows = x.shape[0]
+    padding = -rows % 16  # cuBLASLt's fp8 kernels want every dimension a multiple of 16
+    if padding:
+        values = torch.cat((values, values.new_zeros(padding, values.shape[1])))
+        scale = torch.cat((scale, scale.new_ones(padding)))
     out = torch._scaled_mm(values, weight.values.t(), scale_a=scale[:, None], scale_b=weight.scale[None, :],
                            out_dtype=x.dtype)
     return out[:rows]

@@ -16,6 +16,7 @@ from phi4.model.compressed_tensors import QUANTIZED_SUFFIXES, attach_fp8_weights
 from phi4.model.fp8 import FP8
 from phi4.model.phi3 import Phi3ForCausalLM
 
+CPU_WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 CHECKPOINT_PATTERNS = ["*.json", "*.safetensors", "*.tiktoken", "*.txt", "*.model"]
 
@@ -108,7 +109,9 @@ def load_model(
             raise CheckpointError(f"{source}: {name} is float8; phi4 keeps only the attention and MLP projections "
                                   "in fp8, from a checkpoint whose config.json has a compressed-tensors "
                                   "quantization_config")
-        loaded[name] = tensor.to(device=device) if keep_fp8 else tensor.to(device=device, dtype=dtype)
+        # On CPU, weights stay in their stored precision: phi4's kernels widen them as they read them.
+        keep = keep_fp8 or (device.type == "cpu" and tensor.dtype in CPU_WEIGHT_DTYPES)
+        loaded[name] = tensor.to(device=device) if keep else tensor.to(device=device, dtype=dtype)
 
     if weights is not None:
         for name, tensor in weights.items():

@@ -16,7 +16,6 @@ from pathlib import Path
 import torch
 
 from phi4 import LLM, SamplingParams
-from phi4.structured.constraint import GrammarConstraint
 from phi4.structured.grammars import json_schema_grammar
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
@@ -25,7 +24,7 @@ from structured_corpus import SCHEMAS  # noqa: E402
 
 def mask_microseconds(llm: LLM, samples_per_schema: int = 3) -> list[float]:
     """Time each mask computation while replaying generated outputs through fresh matchers."""
-    tokenizer = llm.engine.grammar_tokenizer
+    grammars = llm.engine.grammars
     words = (llm.engine.model_config.vocab_size + 31) // 32
     row = torch.empty(words, dtype=torch.int32)
     timings = []
@@ -35,7 +34,7 @@ def mask_microseconds(llm: LLM, samples_per_schema: int = 3) -> list[float]:
                                [SamplingParams(temperature=1.0, seed=s, max_tokens=96, grammar=grammar)
                                 for s in range(samples_per_schema)])
         for output in outputs:
-            constraint = GrammarConstraint.compile(tokenizer, grammar)
+            constraint = grammars.constraint(grammars.compile(grammar))
             for token in output.token_ids:
                 start = time.perf_counter()
                 constraint.fill(row)

@@ -45,7 +45,7 @@ def test_stop_token_ends_the_request_and_is_not_shown(llm: LLM) -> None:
 def test_eos_stops_unless_ignored(llm: LLM, monkeypatch: pytest.MonkeyPatch) -> None:
     free_run = llm.generate("The end", GREEDY)[0]
     eos = free_run.token_ids[3]
-    monkeypatch.setattr(llm.engine, "eos_token_ids", frozenset({eos}))
+    monkeypatch.setattr(llm.engine.outputs, "eos_token_ids", frozenset({eos}))
     stopped = llm.generate("The end", SamplingParams(temperature=0.0, max_tokens=24))[0]
     assert stopped.finish_reason == "stop" and stopped.token_ids[-1] == eos
     assert len(stopped.token_ids) == free_run.token_ids.index(eos) + 1

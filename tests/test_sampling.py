@@ -7,7 +7,8 @@ from collections import Counter
 import torch
 
 from phi4 import SamplingParams
-from phi4.engine.sampling import SamplingRow, sample
+from phi4.engine.sampling import SamplingRow
+from phi4.engine.sampling import sample_isolated as sample
 
 PROBS = [0.5, 0.3, 0.15, 0.05]
 
@@ -119,3 +120,15 @@ def test_a_rows_top_p_cut_does_not_depend_on_a_neighbour_that_needs_a_full_sort(
         beside = sample(torch.cat((flat, peaked)), [row(seed + 1, top_p=0.95), row(seed, top_p=0.95, logprobs=0)])
         assert beside.token_ids[1] == alone.token_ids[0]
         assert beside.logprobs[1] == alone.logprobs[0]
+
+
+def test_a_tiny_positive_temperature_is_greedy() -> None:
+    logits = torch.tensor([[0.5, 2.0, 1.0, 0.0]])
+    assert all(sample(logits, [row(seed, temperature=1e-300)]).token_ids == [1] for seed in range(20))
+
+
+def test_a_row_that_cannot_be_sampled_fails_alone() -> None:
+    logits = torch.tensor([[0.5, 2.0, 1.0, 0.0], [3.0, 0.0, 0.0, 0.0]])
+    broken = row(0, temperature=1.0, logit_bias={10**6: 1.0})  # a token id the engine would have refused
+    result = sample(logits, [broken, row(1, temperature=0.0)])
+    assert result.errors[0] is not None and result.errors[1] is None and result.token_ids[1] == 0

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import pytest
 from fastapi.testclient import TestClient
 
-from phi4.engine.async_engine import AsyncEngine
+from phi4.engine.client import InProcessEngine
 from phi4.engine.engine import LLMEngine
 from phi4.model.loader import resolve_checkpoint
 from phi4.server.app import LoadingState, create_app
@@ -20,7 +20,7 @@ MODEL = "microsoft/phi-4"
 
 @pytest.fixture()
 def state(demo_dir) -> Iterator[ServerState]:  # type: ignore[no-untyped-def]
-    engine = AsyncEngine(LLMEngine(resolve_checkpoint("demo")))
+    engine = InProcessEngine(LLMEngine(resolve_checkpoint("demo")))
     yield ServerState(engine, MODEL)
     engine.shutdown()
 
@@ -50,11 +50,11 @@ def test_an_engine_failure_mid_stream_is_an_error_event_and_the_server_lives_on(
     original = runner.execute
     calls = {"n": 0}
 
-    def failing_execute(scheduled):  # type: ignore[no-untyped-def]
+    def failing_execute(scheduled, constraints):  # type: ignore[no-untyped-def]
         calls["n"] += 1
         if calls["n"] == 4:
             raise RuntimeError("injected failure")
-        return original(scheduled)
+        return original(scheduled, constraints)
 
     monkeypatch.setattr(runner, "execute", failing_execute)
     loading = LoadingState(lambda: state)

@@ -8,6 +8,7 @@ from phi4.errors import (
     InvalidRequestError,
     ModelNotFoundError,
     Phi4Error,
+    RequestFailedError,
 )
 from phi4.llm import LLM
 from phi4.sampling_params import SamplingParams
@@ -20,4 +21,5 @@ __all__ = [
     "ContextLengthExceededError",
     "InvalidRequestError",
     "ModelNotFoundError",
+    "RequestFailedError",
 ]

@@ -46,7 +46,9 @@ def _serve(args: argparse.Namespace) -> int:
     return serve(ServeOptions(
         model=args.model, host=args.host, port=args.port, served_model_name=args.served_model_name,
         api_key=args.api_key or os.environ.get("PHI4_API_KEY") or None, max_queue=args.max_queue,
-        device=args.device, dtype=args.dtype, engine=engine,
+        max_stop_sequences=args.max_stop_sequences, device=args.device, dtype=args.dtype, engine=engine,
+        graceful_shutdown_seconds=args.graceful_shutdown_seconds, header_timeout=args.header_timeout,
+        body_timeout=args.body_timeout,
     ))
 
 
@@ -143,7 +145,15 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-model-len", type=int, default=None)
     serve.add_argument("--max-num-seqs", type=int, default=256)
     serve.add_argument("--max-num-batched-tokens", type=int, default=2048)
-    serve.add_argument("--max-queue", type=int, default=1024, help="waiting requests beyond this get 429")
+    serve.add_argument("--max-queue", type=int, default=1024,
+                       help="sequences (prompts x n) that may wait; a request beyond gets 429 (400 if larger)")
+    serve.add_argument("--max-stop-sequences", type=int, default=16, help="stop strings a request may give")
+    serve.add_argument("--graceful-shutdown-seconds", type=float, default=30.0,
+                       help="on SIGTERM, how long requests in flight may finish before they end with an error")
+    serve.add_argument("--header-timeout", type=float, default=10.0,
+                       help="seconds a client has to send a request's headers")
+    serve.add_argument("--body-timeout", type=float, default=30.0,
+                       help="seconds a client may pause while sending a body (then 408)")
     serve.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     serve.add_argument("--no-prefix-caching", action="store_true")
     _add_numerics_options(serve)

@@ -26,10 +26,18 @@ class InvalidRequestError(Phi4Error, ValueError):
 class ContextLengthExceededError(InvalidRequestError):
     """The prompt (plus what it asks to generate) does not fit in the model's context."""
 
-    def __init__(self, num_tokens: int, max_model_len: int, what: str = "prompt") -> None:
-        super().__init__(
-            f"This model's maximum context length is {max_model_len} tokens, but the {what} has {num_tokens} tokens.",
-            param="messages",
-        )
+    def __init__(self, num_tokens: int, max_model_len: int, max_tokens: int | None = None) -> None:
+        if max_tokens is None:
+            message = (f"This model's maximum context length is {max_model_len} tokens, but the prompt has "
+                       f"{num_tokens} tokens.")
+        else:
+            message = (f"This model's maximum context length is {max_model_len} tokens. However, you requested "
+                       f"{num_tokens + max_tokens} tokens ({num_tokens} in the prompt, {max_tokens} for the "
+                       "completion). Please reduce the prompt or the completion length.")
+        super().__init__(message, param="messages")
         self.num_tokens = num_tokens
         self.max_model_len = max_model_len
+
+
+class RequestFailedError(Phi4Error, RuntimeError):
+    """The engine could not finish this request (its sampling, grammar or step failed); the others go on."""

@@ -58,7 +58,7 @@ class LLM:
         return [
             CompletionResult(
                 rid, final[rid].prompt_token_ids, tokens[rid], "".join(texts[rid]), final[rid].finish_reason or "stop",
-                logprobs[rid] or None,
+                logprobs[rid] or None, final[rid].error,
             )
             for rid in request_ids
         ]

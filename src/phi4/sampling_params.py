@@ -7,11 +7,16 @@ from dataclasses import dataclass, field
 from phi4.errors import InvalidRequestError
 
 
+MAX_TOP_K = 2**31 - 1  # any value from the vocabulary size up keeps every token
+# Below this a temperature divides logits into infinities: it is greedy, as in vLLM.
+MIN_TEMPERATURE = 1e-5
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """Sampling and stopping for one request.
 
-    temperature 0 is greedy (argmax, ties to the lowest id). `max_tokens=None` generates until a stop
+    temperature 0 (or below MIN_TEMPERATURE) is greedy (argmax, ties to the lowest id). `max_tokens=None` generates until a stop
     condition or the end of the context. `seed=None` draws a fresh seed for the request.
     """
 
@@ -36,8 +41,8 @@ class SamplingParams:
         _check_range("temperature", self.temperature, 0.0, 2.0)
         if not 0.0 < self.top_p <= 1.0:
             raise InvalidRequestError(f"top_p must be in (0, 1], got {self.top_p}", "top_p")
-        if self.top_k < 0:
-            raise InvalidRequestError(f"top_k must be 0 (off) or positive, got {self.top_k}", "top_k")
+        if not 0 <= self.top_k <= MAX_TOP_K:
+            raise InvalidRequestError(f"top_k must be 0 (off) or in [1, {MAX_TOP_K}], got {self.top_k}", "top_k")
         _check_range("min_p", self.min_p, 0.0, 1.0)
         if self.max_tokens is not None and self.max_tokens < 1:
             raise InvalidRequestError(f"max_tokens must be at least 1, got {self.max_tokens}", "max_tokens")
@@ -59,7 +64,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < MIN_TEMPERATURE
 
 
 def _check_range(name: str, value: float, low: float, high: float) -> None:

@@ -1,27 +1,34 @@
-"""The engine: requests in, one scheduled batch per step, outputs (deltas) back out."""
+"""The engine: requests in, one scheduled batch per step, outputs (deltas) back out.
+
+A step reads schedule -> execute -> process. Only a failure of the forward pass ends every request of that
+step; anything that goes wrong for one request (sampling, its grammar, its text) ends that request alone,
+with an error its client sees, and the step goes on for the others.
+"""
 
 from __future__ import annotations
 
+import logging
 import secrets
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
-import llguidance
 import torch
 
 from phi4.config import EngineConfig, ModelConfig
 from phi4.engine.kv_cache import BlockManager
+from phi4.engine.output import OutputProcessor, RequestState, output
 from phi4.engine.request import RequestOutput, Sequence, SequenceStatus
 from phi4.engine.runner import ModelRunner, kv_bytes_per_block
-from phi4.engine.sampling import TokenLogprob
 from phi4.engine.scheduler import Scheduler
 from phi4.errors import ContextLengthExceededError, InvalidRequestError
 from phi4.model.attention import AttentionMetadata
 from phi4.model.loader import load_model
 from phi4.sampling_params import SamplingParams
-from phi4.structured import grammars
-from phi4.structured.constraint import ClosingTiers, GrammarConstraint
+from phi4.structured.service import CompiledGrammar, GrammarService
 from phi4.tokenizer import IncrementalDetokenizer, Tokenizer
+
+logger = logging.getLogger("phi4.engine")
 
 
 def resolve_device(device: str) -> torch.device:
@@ -45,6 +52,34 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
         raise InvalidRequestError(f"on CPU phi4 computes in float32 (bf16 weights are read as stored and widened "
                                   f"exactly); dtype {dtype!r} is for CUDA", "dtype")
     return resolved
+
+
+def validate_request(prompt_ids: list[int], params: SamplingParams, vocab_size: int, max_model_len: int) -> None:
+    """Everything about a request that must hold before it is queued; a problem is a typed error naming it."""
+    if not prompt_ids:
+        raise InvalidRequestError("the prompt is empty", "prompt")
+    if any(not 0 <= t < vocab_size for t in prompt_ids):
+        raise InvalidRequestError(f"prompt token ids must be in [0, {vocab_size})", "prompt")
+    if len(prompt_ids) >= max_model_len:
+        raise ContextLengthExceededError(len(prompt_ids), max_model_len)
+    if params.max_tokens is not None and len(prompt_ids) + params.max_tokens > max_model_len:
+        raise ContextLengthExceededError(len(prompt_ids), max_model_len, params.max_tokens)
+    if any(not 0 <= t < vocab_size for t in params.logit_bias):
+        raise InvalidRequestError(f"logit_bias token ids must be in [0, {vocab_size})", "logit_bias")
+    if any(not 0 <= t < vocab_size for t in params.stop_token_ids):
+        raise InvalidRequestError(f"stop token ids must be in [0, {vocab_size})", "stop_token_ids")
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """A snapshot the engine publishes after every step, for readers on other threads."""
+
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_cache_usage: float = 0.0
+    kv_free_blocks: int = 0
+    num_preemptions: int = 0
+    prefix_hit_tokens: int = 0
 
 
 class LLMEngine:
@@ -77,12 +112,14 @@ class LLMEngine:
         self.scheduler = Scheduler(
             self.block_manager, engine_config.max_num_seqs, engine_config.max_num_batched_tokens, self._cache_salt
         )
-        self.runner = ModelRunner(self.model, num_blocks, block_size, self.max_model_len,
+        self.grammars = GrammarService(checkpoint / "tokenizer.json", config.vocab_size, self.eos_token_ids,
+                                       self.tokenizer.token_bytes)
+        self.runner = ModelRunner(self.model, self.grammars, num_blocks, block_size, self.max_model_len,
                                   engine_config.max_num_seqs, engine_config.cuda_graphs)
+        self.outputs = OutputProcessor(self.eos_token_ids, self.max_model_len)
         self.checkpoint = checkpoint
-        self._grammar_tokenizer: llguidance.LLTokenizer | None = None
-        self._checked_grammars: set[str] = set()
         self._sequences: dict[str, Sequence] = {}
+        self._states: dict[str, RequestState] = {}
         self._next_request_id = 0
 
     def _auto_num_blocks(self, engine_config: EngineConfig) -> int:
@@ -104,66 +141,34 @@ class LLMEngine:
     # requests
 
     def add_request(
-        self, prompt: str | list[int], params: SamplingParams | None = None, request_id: str | None = None
+        self, prompt: str | list[int], params: SamplingParams | None = None, request_id: str | None = None,
+        grammar: CompiledGrammar | None = None,
     ) -> str:
+        """Queue a request. Its grammar is `params.grammar` compiled here, unless `grammar` (compiled already,
+        when the request was prepared) is given."""
         params = params or SamplingParams()
         prompt_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         self.validate(prompt_ids, params)
+        if grammar is None and params.grammar is not None:
+            grammar = self.grammars.compile(params.grammar)
         if request_id is None:
             request_id = f"req-{self._next_request_id}"
             self._next_request_id += 1
         if request_id in self._sequences:
             raise InvalidRequestError(f"request id {request_id!r} is already in use", "request_id")
-        seq = Sequence(
-            request_id=request_id,
-            prompt_token_ids=prompt_ids,
-            params=params,
-            seed=params.seed if params.seed is not None else secrets.randbits(63),
-            detokenizer=IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens),
-            constraint=GrammarConstraint.compile(self.grammar_tokenizer, params.grammar) if params.grammar else None,
+        seed = params.seed if params.seed is not None else secrets.randbits(63)
+        seq = Sequence(request_id=request_id, prompt_token_ids=prompt_ids, params=params, seed=seed)
+        self._states[request_id] = RequestState(
+            IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens),
+            self.grammars.constraint(grammar) if grammar is not None else None,
         )
         self._sequences[request_id] = seq
         self.scheduler.add(seq)
         return request_id
 
-    @property
-    def grammar_tokenizer(self) -> llguidance.LLTokenizer:
-        """llguidance's view of the vocabulary, built on the first request with a grammar (about 0.5 s)."""
-        if self._grammar_tokenizer is None:
-            self._grammar_tokenizer = llguidance.LLTokenizer(
-                str(self.checkpoint / "tokenizer.json"), n_vocab=self.model_config.vocab_size,
-                eos_token=sorted(self.eos_token_ids),
-            )
-            self.runner.closing_tiers = ClosingTiers(self.tokenizer.token_bytes, self.model_config.vocab_size,
-                                                     self.eos_token_ids)
-        return self._grammar_tokenizer
-
-    def _check_grammar(self, grammar: str) -> None:
-        # A request is validated when it is submitted (HTTP thread) and again when it is added (engine
-        # thread), once per choice: compile each distinct grammar once. A plain set, emptied when large,
-        # because both threads touch it and single set operations are atomic.
-        if grammar in self._checked_grammars:
-            return
-        grammars.check(grammar, self.grammar_tokenizer, "grammar")
-        if len(self._checked_grammars) >= 256:
-            self._checked_grammars.clear()
-        self._checked_grammars.add(grammar)
-
     def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
         """Raise the typed error that `add_request` would raise for this request, without adding it."""
-        vocab_size = self.model_config.vocab_size
-        if not prompt_ids:
-            raise InvalidRequestError("the prompt is empty", "prompt")
-        if any(not 0 <= t < vocab_size for t in prompt_ids):
-            raise InvalidRequestError(f"prompt token ids must be in [0, {vocab_size})", "prompt")
-        if len(prompt_ids) >= self.max_model_len:
-            raise ContextLengthExceededError(len(prompt_ids), self.max_model_len)
-        if any(not 0 <= t < vocab_size for t in params.logit_bias):
-            raise InvalidRequestError(f"logit_bias token ids must be in [0, {vocab_size})", "logit_bias")
-        if any(not 0 <= t < vocab_size for t in params.stop_token_ids):
-            raise InvalidRequestError(f"stop token ids must be in [0, {vocab_size})", "stop_token_ids")
-        if params.grammar is not None:
-            self._check_grammar(params.grammar)
+        validate_request(prompt_ids, params, self.model_config.vocab_size, self.max_model_len)
 
     @torch.inference_mode()
     def prompt_logits(self, prompt_ids: list[int]) -> torch.Tensor:
@@ -173,8 +178,7 @@ class LLMEngine:
         if self.has_unfinished_requests():
             raise RuntimeError("prompt_logits needs an idle engine")
         self.validate(prompt_ids, SamplingParams(max_tokens=1))
-        seq = Sequence("prompt-logits", list(prompt_ids), SamplingParams(max_tokens=1), 0,
-                       IncrementalDetokenizer(self.tokenizer))
+        seq = Sequence("prompt-logits", list(prompt_ids), SamplingParams(max_tokens=1), 0)
         manager, runner = self.block_manager, self.runner
         manager.reserve(seq, len(prompt_ids))
         try:
@@ -190,12 +194,10 @@ class LLMEngine:
             manager.free(seq)
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
-        seq = self._sequences.pop(request_id, None)
+        seq = self._sequences.get(request_id)
         if seq is None:
             return None
-        self.scheduler.remove(seq)
-        self._finish(seq, "abort")
-        return self._output(seq, [], "", [])
+        return self._end(seq, "abort")
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -204,6 +206,11 @@ class LLMEngine:
     def num_preemptions(self) -> int:
         return self.scheduler.num_preemptions
 
+    def stats(self) -> EngineStats:
+        return EngineStats(len(self.scheduler.running), len(self.scheduler.waiting), self.block_manager.usage,
+                           self.block_manager.num_free_blocks, self.scheduler.num_preemptions,
+                           self.block_manager.prefix_hit_tokens)
+
     # the loop
 
     def step(self) -> list[RequestOutput]:
@@ -211,79 +218,38 @@ class LLMEngine:
         if not scheduled:
             return []
         sampling = [item.seq for item in scheduled if item.samples]
-        result = self.runner.execute(scheduled)
+        try:
+            result = self.runner.execute(scheduled, [self._states[seq.request_id].constraint for seq in sampling])
+        except Exception as exc:  # the forward pass itself: this step's requests end; the engine goes on
+            logger.exception("a step of %d sequences failed; ending them", len(scheduled))
+            return [self._end(item.seq, "error", f"the engine failed on this request's step: {exc!r}")
+                    for item in scheduled]
         self.scheduler.finish_step(scheduled)
         outputs = []
-        for seq, token, logprob in zip(sampling, result.token_ids, result.logprobs, strict=True):
+        for seq, token, logprob, error in zip(sampling, result.token_ids, result.logprobs, result.errors, strict=True):
+            if error is not None:
+                logger.error("request %s failed: %s", seq.request_id, error)
+                outputs.append(self._end(seq, "error", error))
+                continue
             seq.token_ids.append(token)
-            if seq.constraint is not None:
-                seq.constraint.consume(token)
-            reason = self._stop_reason(seq, token)
-            # The EOS or stop token that ends a request is counted but never shown as text.
-            if not (reason == "stop" and (token in seq.params.stop_token_ids or token in self.eos_token_ids)):
-                seq.text += seq.detokenizer.push([token])
-            if reason is not None:
-                seq.text += seq.detokenizer.flush()
-            if seq.params.stop and (cut := _find_stop_string(seq.text, seq.params.stop, seq.num_emitted_chars)) >= 0:
-                seq.text = seq.text[:cut]
-                reason = "stop"
-            if reason is not None:
-                self.scheduler.remove(seq)
-                self._sequences.pop(seq.request_id, None)
-                self._finish(seq, reason)
-                visible_end = len(seq.text)
+            try:
+                item = self.outputs.process(seq, self._states[seq.request_id], token, logprob)
+            except Exception as exc:  # noqa: BLE001 - this request's text or grammar: it alone ends
+                logger.exception("request %s failed while its output was processed", seq.request_id)
+                item = self._end(seq, "error", f"processing the output failed: {exc}")
             else:
-                visible_end = len(seq.text) - _stop_prefix_length(seq.text, seq.params.stop, seq.num_emitted_chars)
-            new_text = seq.text[seq.num_emitted_chars : visible_end]
-            seq.num_emitted_chars = max(seq.num_emitted_chars, visible_end)
-            outputs.append(self._output(seq, [token], new_text, [logprob] if logprob is not None else []))
+                if item.finished:
+                    self._remove(seq)
+            outputs.append(item)
         return outputs
 
-    def _stop_reason(self, seq: Sequence, token: int) -> str | None:
-        params = seq.params
-        if token in params.stop_token_ids or (not params.ignore_eos and token in self.eos_token_ids):
-            return "stop"
-        if seq.constraint is not None and (seq.constraint.finished or token in self.eos_token_ids):
-            return "stop"  # the grammar is complete (EOS under a grammar always ends it)
-        if params.max_tokens is not None and seq.num_output_tokens >= params.max_tokens:
-            return "length"
-        if seq.num_tokens >= self.max_model_len:
-            return "length"
-        return None
+    def _end(self, seq: Sequence, reason: str, error: str | None = None) -> RequestOutput:
+        """Finish a request early (aborted or failed): free it and say so."""
+        self._remove(seq)
+        return output(seq, [], "", [], reason, error)
 
-    @staticmethod
-    def _finish(seq: Sequence, reason: str) -> None:
+    def _remove(self, seq: Sequence) -> None:
+        self.scheduler.remove(seq)
         seq.status = SequenceStatus.FINISHED
-        seq.finish_reason = reason
-
-    @staticmethod
-    def _output(
-        seq: Sequence, new_tokens: list[int], new_text: str, new_logprobs: list[TokenLogprob]
-    ) -> RequestOutput:
-        return RequestOutput(
-            request_id=seq.request_id,
-            new_token_ids=new_tokens,
-            new_text=new_text,
-            new_logprobs=new_logprobs,
-            finished=seq.finished,
-            finish_reason=seq.finish_reason,
-            prompt_token_ids=seq.prompt_token_ids,
-            num_output_tokens=seq.num_output_tokens,
-        )
-
-
-def _find_stop_string(text: str, stops: tuple[str, ...], start: int) -> int:
-    """Where the earliest stop string begins in text[start:] (absolute index), or -1."""
-    found = [i for i in (text.find(stop, start) for stop in stops) if i >= 0]
-    return min(found, default=-1)
-
-
-def _stop_prefix_length(text: str, stops: tuple[str, ...], start: int) -> int:
-    """Length of the longest tail of text[start:] that could still grow into a stop string: held back."""
-    longest = 0
-    for stop in stops:
-        for length in range(min(len(stop) - 1, len(text) - start), longest, -1):
-            if text.endswith(stop[:length]):
-                longest = length
-                break
-    return longest
+        self._sequences.pop(seq.request_id, None)
+        self._states.pop(seq.request_id, None)

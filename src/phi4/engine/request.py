@@ -1,4 +1,4 @@
-"""A request as the engine tracks it, and what the engine reports back."""
+"""A request as the scheduler and sampler track it, and what the engine reports back."""
 
 from __future__ import annotations
 
@@ -7,8 +7,6 @@ from dataclasses import dataclass, field
 
 from phi4.engine.sampling import TokenLogprob
 from phi4.sampling_params import SamplingParams
-from phi4.structured.constraint import GrammarConstraint
-from phi4.tokenizer import IncrementalDetokenizer
 
 
 class SequenceStatus(enum.Enum):
@@ -19,21 +17,18 @@ class SequenceStatus(enum.Enum):
 
 @dataclass(eq=False)
 class Sequence:
+    """Scheduling and sampling state only; what its tokens mean as text is engine/output.py's business."""
+
     request_id: str
     prompt_token_ids: list[int]
     params: SamplingParams
     seed: int
-    detokenizer: IncrementalDetokenizer
     # Prompt and generated tokens. After a preemption they are all recomputed as if they were the prompt.
     token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
     block_table: list[int] = field(default_factory=list)
     num_hashed_blocks: int = 0
-    constraint: GrammarConstraint | None = None
     status: SequenceStatus = SequenceStatus.WAITING
-    finish_reason: str | None = None
-    text: str = ""  # the visible text so far, cut before a stop string once one appears
-    num_emitted_chars: int = 0  # how much of `text` has been reported; the rest may begin a stop string
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)
@@ -64,9 +59,10 @@ class RequestOutput:
     new_text: str
     new_logprobs: list[TokenLogprob]  # one per new token when the request asked for logprobs, else empty
     finished: bool
-    finish_reason: str | None  # "stop" (EOS or a stop token), "length", "abort" once finished
+    finish_reason: str | None  # "stop" (EOS or a stop token), "length", "abort", "error" once finished
     prompt_token_ids: list[int]
     num_output_tokens: int
+    error: str | None = None  # why this request (and only it) failed, with finish_reason "error"
 
 
 @dataclass(frozen=True)
@@ -77,5 +73,6 @@ class CompletionResult:
     prompt_token_ids: list[int]
     token_ids: list[int]
     text: str
-    finish_reason: str
+    finish_reason: str  # "stop", "length", or "error" (then `error` says why; the other requests went on)
     logprobs: list[TokenLogprob] | None = None
+    error: str | None = None

@@ -9,11 +9,12 @@ import torch
 
 from phi4.config import ModelConfig
 from phi4.engine.request import Sequence
-from phi4.engine.sampling import SampleResult, SamplingRow, sample
+from phi4.engine.sampling import SampleResult, SamplingRow, sample_isolated
 from phi4.engine.scheduler import ScheduledSequence
 from phi4.model.attention import AttentionMetadata
 from phi4.model.phi3 import Phi3ForCausalLM
-from phi4.structured.constraint import CLOSING_TOKENS, ClosingTiers, allowed_tokens
+from phi4.structured.constraint import CLOSING_TOKENS, BatchMasks, Constraint
+from phi4.structured.service import GrammarService
 
 if TYPE_CHECKING:
     from phi4.engine.decode_graphs import DecodeGraphs
@@ -37,13 +38,13 @@ def uses_long_rope(config: ModelConfig, seq: Sequence, position: int) -> bool:
 
 
 class ModelRunner:
-    def __init__(self, model: Phi3ForCausalLM, num_blocks: int, block_size: int, max_model_len: int,
-                 max_num_seqs: int = 256, cuda_graphs: bool = True) -> None:
+    def __init__(self, model: Phi3ForCausalLM, grammars: GrammarService, num_blocks: int, block_size: int,
+                 max_model_len: int, max_num_seqs: int = 256, cuda_graphs: bool = True) -> None:
         self.model = model
         self.config = model.config
+        self.grammars = grammars
         self.block_size = block_size
         self.max_model_len = max_model_len
-        self.closing_tiers: ClosingTiers | None = None  # set by the engine once a request has a grammar
         # Grammar masks are computed on this thread while the model runs (llguidance releases the GIL).
         self._mask_worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="phi4-masks")
         self.device, self.dtype = model.model.norm.weight.device, model.compute_dtype
@@ -65,8 +66,10 @@ class ModelRunner:
             return position + self.config.max_position_embeddings
         return position
 
-    def execute(self, scheduled: list[ScheduledSequence]) -> SampleResult:
-        """Run one step; sample the next token of every sequence whose `samples` is true, in order."""
+    def execute(self, scheduled: list[ScheduledSequence], constraints: list[Constraint | None]) -> SampleResult:
+        """Run one step; sample the next token of every sequence whose `samples` is true, in order, each under
+        its grammar constraint (one per sampled sequence, or None). Only a failure of the forward pass
+        raises: a row that cannot be sampled gets its error in the result."""
         input_ids: list[int] = []
         rope_rows: list[int] = []
         slots: list[int] = []
@@ -87,9 +90,9 @@ class ModelRunner:
                 sample_rows.append(len(input_ids) - 1)
         device = self.device
         sampling = [item.seq for item in scheduled if item.samples]
-        masks: Future[torch.Tensor | None] | None = None
-        if any(seq.constraint is not None for seq in sampling):
-            masks = self._mask_worker.submit(self._grammar_masks, sampling)
+        masks: Future[BatchMasks | None] | None = None
+        if any(c is not None for c in constraints):
+            masks = self._mask_worker.submit(self._grammar_masks, sampling, constraints)
         block_tables = [item.seq.block_table for item in scheduled]
         context_lens = [item.seq.num_computed_tokens + item.num_new_tokens for item in scheduled]
         graphs = self.decode_graphs
@@ -111,16 +114,14 @@ class ModelRunner:
                 metadata,
             )
         if not sample_rows:
-            return SampleResult([], [])
+            return SampleResult([], [], [])
         logits = self.model.compute_logits(hidden[torch.tensor(sample_rows, device=device)])
         rows = [SamplingRow(seq.params, seq.seed, seq.token_ids, seq.num_prompt_tokens) for seq in sampling]
-        return sample(logits, rows, masks.result() if masks is not None else None)
+        return sample_isolated(logits, rows, masks.result() if masks is not None else None)
 
-    def _grammar_masks(self, sampling: list[Sequence]) -> torch.Tensor | None:
-        assert self.closing_tiers is not None
+    def _grammar_masks(self, sampling: list[Sequence], constraints: list[Constraint | None]) -> BatchMasks | None:
         closing = [self._tokens_left(seq) <= CLOSING_TOKENS for seq in sampling]
-        return allowed_tokens([seq.constraint for seq in sampling], closing, self.config.vocab_size,
-                              self.closing_tiers, self.device)
+        return self.grammars.masks(constraints, closing, self.device)
 
     def _tokens_left(self, seq: Sequence) -> int:
         """How many tokens the sequence may still generate, this one included."""

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from phi4.sampling_params import SamplingParams
+from phi4.structured.constraint import BatchMasks
 
 _MASK64 = (1 << 64) - 1
 
@@ -54,22 +55,50 @@ class TokenLogprob:
 class SampleResult:
     token_ids: list[int]
     logprobs: list[TokenLogprob | None]  # None for rows that did not ask for logprobs
+    errors: list[str | None]  # why a row could not be sampled: that request ends with it, the others go on
 
 
-def sample(logits: torch.Tensor, rows: list[SamplingRow], allowed: torch.Tensor | None = None) -> SampleResult:
-    """Next token per row of `logits` [B, V] (float32). Temperature 0 is argmax, ties to the lowest id.
-    `allowed` [B, V] (grammar masks) bans every token it marks False."""
+def sample_isolated(logits: torch.Tensor, rows: list[SamplingRow], masks: BatchMasks | None = None) -> SampleResult:
+    """`sample` for the batch; if that raises, each row alone (a row's draw never depends on the others,
+    so the survivors get the same tokens), and a row that fails alone, or whose grammar failed, gets its
+    error instead of a token."""
+    allowed = masks.allowed if masks is not None else None
+    try:
+        token_ids, logprobs = sample(logits, rows, allowed)
+        errors: list[str | None] = [None] * len(rows)
+    except Exception:  # noqa: BLE001 - find the culprits; the batch goes on without them
+        token_ids, logprobs, errors = [], [], []
+        for i, row in enumerate(rows):
+            try:
+                (token,), (logprob,) = sample(logits[i : i + 1], [row], None if allowed is None else allowed[i : i + 1])
+                error = None
+            except Exception as exc:  # noqa: BLE001
+                token, logprob, error = 0, None, f"sampling failed: {exc!r}"
+            token_ids.append(token)
+            logprobs.append(logprob)
+            errors.append(error)
+    if masks is not None:
+        for row, message in masks.failed.items():
+            errors[row] = message
+    return SampleResult(token_ids, logprobs, errors)
+
+
+def sample(logits: torch.Tensor, rows: list[SamplingRow],
+           allowed: torch.Tensor | None = None) -> tuple[list[int], list[TokenLogprob | None]]:
+    """Next token per row of `logits` [B, V] (float32), and its log-probabilities where asked. Temperature 0
+    (or below MIN_TEMPERATURE) is argmax, ties to the lowest id. `allowed` [B, V] (grammar masks) bans every
+    token it marks False."""
     raw = logits
     logits = _apply_penalties(logits, rows)
     if allowed is not None:
         logits = logits.masked_fill(~allowed, float("-inf"))
     greedy = _argmax(logits)
-    if all(row.params.temperature == 0.0 for row in rows):
+    if all(row.params.greedy for row in rows):
         chosen = greedy
     else:
         chosen = _draw(logits, greedy, rows)
     token_ids = chosen.tolist()
-    return SampleResult(token_ids, _logprobs(raw, token_ids, rows))
+    return token_ids, _logprobs(raw, token_ids, rows)
 
 
 def _argmax(logits: torch.Tensor) -> torch.Tensor:
@@ -116,7 +145,7 @@ def _token_counts(rows: list[SamplingRow], vocab_size: int, device: torch.device
 
 def _draw(logits: torch.Tensor, greedy: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
     device = logits.device
-    temperature = torch.tensor([row.params.temperature or 1.0 for row in rows], device=device)
+    temperature = torch.tensor([1.0 if row.params.greedy else row.params.temperature for row in rows], device=device)
     scaled = logits / temperature[:, None]
     if any(row.params.top_k or row.params.top_p < 1.0 for row in rows):
         scaled = _top_k_top_p(scaled, rows)
@@ -131,7 +160,7 @@ def _draw(logits: torch.Tensor, greedy: torch.Tensor, rows: list[SamplingRow]) -
     cdf = probs.double().cumsum(dim=-1)
     target = (uniform * cdf[:, -1]).unsqueeze(1)
     sampled = torch.searchsorted(cdf, target, right=True).squeeze(1).clamp_(max=logits.shape[-1] - 1)
-    is_greedy = torch.tensor([row.params.temperature == 0.0 for row in rows], device=device)
+    is_greedy = torch.tensor([row.params.greedy for row in rows], device=device)
     return torch.where(is_greedy, greedy, sampled)
 
 
@@ -153,11 +182,11 @@ def _top_k_top_p(scaled: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
     sorted: that is cheap there and needs no host synchronisation.
     """
     vocab_size = scaled.shape[-1]
-    top_k = torch.tensor([row.params.top_k or vocab_size for row in rows], device=scaled.device)
+    top_k = torch.tensor([min(row.params.top_k or vocab_size, vocab_size) for row in rows], device=scaled.device)
     top_p = torch.tensor([row.params.top_p for row in rows], device=scaled.device)
     if scaled.is_cuda:
         return _cut_sorted(scaled, top_k, top_p)
-    candidates = min(vocab_size, max(TOP_CANDIDATES, max(row.params.top_k for row in rows)))
+    candidates = min(vocab_size, max(TOP_CANDIDATES, *(row.params.top_k for row in rows)))
     values, order = scaled.topk(candidates, dim=-1)
     ranks = torch.arange(candidates, device=scaled.device)[None, :]
     values = values.masked_fill(ranks >= top_k[:, None], float("-inf"))

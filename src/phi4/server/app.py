@@ -1,75 +1,39 @@
-"""The ASGI application: routes (each also under /api/v1), authentication, body limits, error mapping."""
+"""The ASGI application: routes (each also under /api/v1), authentication, body limits, error mapping.
+
+One request never hurts another: bodies are bounded in size and time and parsed strictly (server/body.py);
+admission counts sequences (state.Admission); tokenizing, templating and grammar compilation run on the
+engine client's worker threads; a request whose client goes away is aborted, streamed or not; every error
+is an OpenAI error body, and a 500 is logged with its traceback.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import hmac
-import json
 import logging
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
+from pydantic.json_schema import models_json_schema
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from phi4.server.chat import create_chat_completion, prompt_token_ids
-from phi4.server.completions import create_completion
-from phi4.server.errors import APIError, as_api_error, validation_error
+from phi4.errors import Phi4Error
+from phi4.server.body import BodyLimits, read_model
+from phi4.server.chat import create_chat_completion
+from phi4.server.completions import create_completion, sequences
+from phi4.server.errors import APIError, as_api_error, error_response
 from phi4.server.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
-from phi4.server.state import ServerState
+from phi4.server.state import Reservation, ServerState
 
 logger = logging.getLogger("phi4.server")
 PREFIXES = ("/v1", "/api/v1")
-OPEN_PATHS = ("/health", "/metrics")
-
-
-def error_response(error: APIError) -> JSONResponse:
-    return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
-
-
-class BodyLimit:
-    """Refuse a request body over the bound before anything parses it (Content-Length or streamed)."""
-
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
-        self.app = app
-        self.max_bytes = max_bytes
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        too_large = APIError(413, f"request body is larger than {self.max_bytes} bytes", code="request_too_large")
-        declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            await error_response(too_large)(scope, receive, send)
-            return
-        seen = 0
-
-        async def limited_receive() -> Message:
-            nonlocal seen
-            message = await receive()
-            seen += len(message.get("body", b""))
-            if seen > self.max_bytes:
-                raise too_large
-            return message
-
-        await self.app(scope, limited_receive, send)
-
-
-async def parse_body(request: Request, model: type[BaseModel]) -> Any:
-    raw = await request.body()
-    try:
-        data = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise APIError(400, f"the request body is not valid JSON: {exc}", code="invalid_json") from exc
-    if not isinstance(data, dict):
-        raise APIError(400, "the request body must be a JSON object", code="invalid_json")
-    try:
-        return model.model_validate(data)
-    except ValidationError as exc:
-        raise validation_error(exc, data) from exc
+OPEN_PATHS = ("/health", "/metrics", "/openapi.json")
+T = TypeVar("T")
 
 
 class LoadingState:
@@ -105,55 +69,122 @@ class LoadingState:
         return self.state
 
 
-def create_app(loading: LoadingState, max_body_bytes: int = 8 << 20) -> FastAPI:
+class AccessControl:
+    """API-key check and request counting, as plain ASGI (so that streams and disconnects pass untouched)."""
+
+    def __init__(self, app: ASGIApp, loading: LoadingState) -> None:
+        self.app = app
+        self.loading = loading
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        state = self.loading.state
+        status = 500
+
+        async def counted_send(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        path: str = scope["path"]
+        try:
+            if state is not None and state.api_key is not None and not path.startswith(OPEN_PATHS):
+                supplied = dict(scope["headers"]).get(b"authorization", b"")
+                if not hmac.compare_digest(supplied, f"Bearer {state.api_key}".encode()):
+                    error = APIError(401, "Incorrect API key provided.", type_="authentication_error",
+                                     code="invalid_api_key")
+                    await error_response(error)(scope, receive, counted_send)
+                    return
+            await self.app(scope, receive, counted_send)
+        finally:
+            if state is not None:
+                state.metrics.count_request(status)
+            if status >= 400:
+                logger.info("%s %s -> %d", scope["method"], path, status)
+
+
+async def until_disconnected(request: Request, work: Awaitable[T]) -> T | None:
+    """Run `work` unless the client goes away first: then cancel it (which aborts its engine requests)."""
+
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    task, watcher = asyncio.ensure_future(work), asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    return None
+
+
+def _declare_bodies(app: FastAPI, models: dict[str, type[BaseModel]]) -> None:
+    """OpenAPI: the request body schemas of the routes that parse their bodies themselves (for strict JSON
+    and OpenAI-shaped errors), so that clients and schema-based fuzzers see what each accepts."""
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+            _, definitions = models_json_schema([(m, "validation") for m in set(models.values())],
+                                                ref_template="#/components/schemas/{model}")
+            schema.setdefault("components", {}).setdefault("schemas", {}).update(definitions.get("$defs", {}))
+            for path, model in models.items():
+                for prefix in ("", *PREFIXES):
+                    operation = schema["paths"].get(prefix + path, {}).get("post")
+                    if operation is not None:
+                        operation["requestBody"] = {"required": True, "content": {"application/json": {
+                            "schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}}
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
+def create_app(loading: LoadingState, max_body_bytes: int = 8 << 20, body_timeout: float = 30.0) -> FastAPI:
     app = FastAPI(title="phi4", docs_url=None, redoc_url=None)
     app.state.loading = loading
-
-    @app.middleware("http")
-    async def authenticate_and_count(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        state = loading.state
-        try:
-            if state is not None and state.api_key is not None and not request.url.path.startswith(OPEN_PATHS):
-                supplied = request.headers.get("authorization", "")
-                expected = f"Bearer {state.api_key}"
-                if not hmac.compare_digest(supplied.encode(), expected.encode()):
-                    raise APIError(401, "Incorrect API key provided.", type_="authentication_error",
-                                   code="invalid_api_key")
-            response = await call_next(request)
-        except Exception as exc:
-            response = error_response(as_api_error(exc))
-        if state is not None:
-            state.metrics.count_request(response.status_code)
-        if response.status_code >= 400:
-            logger.info("%s %s -> %d", request.method, request.url.path, response.status_code)
-        return response
 
     @app.exception_handler(APIError)
     async def api_error(_: Request, exc: APIError) -> JSONResponse:
         return error_response(exc)
 
-    @app.exception_handler(Exception)
-    async def any_error(_: Request, exc: Exception) -> JSONResponse:
+    @app.exception_handler(Phi4Error)
+    async def typed_error(_: Request, exc: Phi4Error) -> JSONResponse:  # invalid requests, failed requests
         return error_response(as_api_error(exc))
 
-    async def respond(result: dict[str, Any] | AsyncIterator[str]) -> Response:
+    @app.exception_handler(Exception)
+    async def any_error(_: Request, exc: Exception) -> JSONResponse:
+        # A bug: answered as a 500 in OpenAI's shape; uvicorn logs the traceback.
+        return error_response(as_api_error(exc))
+
+    def respond(result: dict[str, Any] | AsyncIterator[str] | None) -> Response:
+        if result is None:
+            return Response(status_code=499)  # the client went away: nobody reads this
         if isinstance(result, dict):
             return JSONResponse(result)
         return StreamingResponse(result, media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
-    async def generation(request: Request, body_type: type[BaseModel], create: Callable[..., Awaitable[Any]]) -> Response:
+    async def generation(request: Request, body_type: type[Any], count: Callable[[Any], int],
+                         create: Callable[[ServerState, Any, Reservation], Awaitable[Any]]) -> Response:
         state = loading.get()
-        body = await parse_body(request, body_type)
+        body = await read_model(await request.body(), body_type)
         state.check_model(body.model)
-        state.check_queue()
-        return await respond(await create(state, body))
+        with state.admission.reserve(count(body)) as reservation:
+            return respond(await until_disconnected(request, create(state, body, reservation)))
 
     async def chat_completions(request: Request) -> Response:
-        return await generation(request, ChatCompletionRequest, create_chat_completion)
+        return await generation(request, ChatCompletionRequest, lambda body: body.n, create_chat_completion)
 
     async def completions(request: Request) -> Response:
-        return await generation(request, CompletionRequest, create_completion)
+        return await generation(request, CompletionRequest, sequences, create_completion)
 
     async def models() -> dict[str, Any]:
         state = loading.get()
@@ -164,20 +195,21 @@ def create_app(loading: LoadingState, max_body_bytes: int = 8 << 20) -> FastAPI:
 
     async def tokenize(request: Request) -> dict[str, Any]:
         state = loading.get()
-        body = await parse_body(request, TokenizeRequest)
+        body = await read_model(await request.body(), TokenizeRequest)
         state.check_model(body.model)
         if (body.prompt is None) == (body.messages is None):
             raise APIError(400, "give exactly one of prompt and messages", param="prompt")
         if body.messages is not None:
-            tokens = prompt_token_ids(state, ChatCompletionRequest(model=state.served_model_name,
-                                                                  messages=body.messages))
+            from phi4.server.tools import render_messages
+
+            tokens = await state.engine.tokenize(render_messages(body.messages, None))
         else:
-            tokens = state.tokenizer.encode(body.prompt or "")
+            tokens = await state.engine.tokenize(body.prompt or "")
         return {"tokens": tokens, "count": len(tokens), "max_model_len": state.max_model_len}
 
     async def detokenize(request: Request) -> dict[str, Any]:
         state = loading.get()
-        body = await parse_body(request, DetokenizeRequest)
+        body = await read_model(await request.body(), DetokenizeRequest)
         state.check_model(body.model)
         if any(not 0 <= t < len(state.tokenizer.token_bytes) for t in body.tokens):
             raise APIError(400, "token ids out of the vocabulary", param="tokens")
@@ -200,5 +232,8 @@ def create_app(loading: LoadingState, max_body_bytes: int = 8 << 20) -> FastAPI:
     async def metrics() -> Response:
         return PlainTextResponse(loading.get().metrics.render(), media_type="text/plain; version=0.0.4")
 
-    app.add_middleware(BodyLimit, max_bytes=max_body_bytes)  # type: ignore[arg-type]
+    _declare_bodies(app, {"/chat/completions": ChatCompletionRequest, "/completions": CompletionRequest,
+                          "/tokenize": TokenizeRequest, "/detokenize": DetokenizeRequest})
+    app.add_middleware(AccessControl, loading=loading)  # type: ignore[arg-type]
+    app.add_middleware(BodyLimits, max_bytes=max_body_bytes, timeout=body_timeout)  # type: ignore[arg-type]
     return app

@@ -4,84 +4,78 @@ from __future__ import annotations
 
 import json
 import time
+import weakref
 from collections.abc import AsyncIterator
 from typing import Any
 
-from phi4.server.errors import APIError, as_api_error
-from phi4.errors import InvalidRequestError
+from phi4.engine.client import EngineRequest
 from phi4.server import tools
+from phi4.server.errors import APIError, stream_error
 from phi4.server.generation import (
-    ChoiceRun, ChoiceState, chat_logprobs, check_context, choice_seed, constrained, output_grammar, sampling_params,
-    usage,
+    ChoiceRun, ChoiceState, chat_logprobs, choice_seed, output_grammar, sampling_params, usage,
 )
-from phi4.structured import grammars
 from phi4.server.protocol import ChatCompletionRequest
-from phi4.server.state import ServerState
+from phi4.server.state import Reservation, ServerState
+from phi4.structured.grammars import GrammarSpec
 
 
-def prompt_token_ids(state: ServerState, request: ChatCompletionRequest) -> list[int]:
-    messages = tools.render_messages(request.messages, request.tools)
-    text = state.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-    return state.tokenizer.encode(text)
-
-
-def tool_call_grammar(state: ServerState, request: ChatCompletionRequest) -> str | None:
-    """The grammar for tool_choice, after checking every function's parameter schema; None without tools."""
+def tool_call_grammar(request: ChatCompletionRequest) -> tuple[GrammarSpec | None, tuple[GrammarSpec, ...]]:
+    """The grammar for tool_choice (None without tools or with "none"), and each function's parameter
+    schema, which must compile on its own too (an error then names that function)."""
     if not request.tools:
         if request.tool_choice not in (None, "none"):
             raise APIError(400, "tool_choice needs tools", param="tool_choice")
-        return None
-    tokenizer = state.engine.engine.grammar_tokenizer
-    for index, tool in enumerate(request.tools):
-        param = f"tools.{index}.function.parameters"
-        try:
-            grammars.check(grammars.json_schema_grammar(tool.function.parameters or {"type": "object"}), tokenizer,
-                           param)
-        except InvalidRequestError:
-            raise
-        except Exception as exc:  # llguidance's own complaint about the schema
-            raise InvalidRequestError(f"the {param} cannot be compiled: {exc}", param) from exc
+        return None, ()
+    checks = tuple(GrammarSpec("json_schema", tool.function.parameters or {"type": "object"},
+                               f"tools.{index}.function.parameters") for index, tool in enumerate(request.tools))
     grammar = tools.tool_grammar(request.tools, request.tool_choice, request.parallel_tool_calls)
-    if grammar is not None:
-        if constrained(request):
-            raise APIError(400, "response_format or structured_outputs cannot be combined with tool calls",
-                           param="response_format")
-        grammars.check(grammar, tokenizer, "tools")
-    return grammar
+    if grammar is None:
+        return None, checks
+    if output_grammar(request) is not None:
+        raise APIError(400, "response_format or structured_outputs cannot be combined with tool calls",
+                       param="response_format")
+    return GrammarSpec("lark", grammar, "tools"), checks
+
+
+def engine_request(state: ServerState, request: ChatCompletionRequest) -> tuple[EngineRequest, bool]:
+    """The request as the engine takes it, and whether its answers are tool calls."""
+    if request.top_logprobs is not None and not request.logprobs:
+        raise APIError(400, "top_logprobs requires logprobs to be true", param="top_logprobs")
+    logprobs = (request.top_logprobs or 0) if request.logprobs else None
+    max_tokens = request.max_completion_tokens or request.max_tokens
+    tool_grammar, checks = tool_call_grammar(request)
+    grammar = tool_grammar or output_grammar(request)
+    params = sampling_params(request, max_tokens, logprobs, state.max_stop_sequences)
+    messages = tools.render_messages(request.messages, request.tools)
+    return EngineRequest(messages, params, grammar, checks), tool_grammar is not None
 
 
 async def create_chat_completion(
-    state: ServerState, request: ChatCompletionRequest
+    state: ServerState, request: ChatCompletionRequest, reservation: Reservation
 ) -> dict[str, Any] | AsyncIterator[str]:
-    prompt = prompt_token_ids(state, request)
-    max_tokens = request.max_completion_tokens or request.max_tokens
-    check_context(len(prompt), max_tokens, state.max_model_len)
-    top = request.top_logprobs or 0
-    logprobs = top if request.logprobs else None
-    if request.top_logprobs is not None and not request.logprobs:
-        raise APIError(400, "top_logprobs requires logprobs to be true", param="top_logprobs")
-    tool_grammar = tool_call_grammar(state, request)
-    grammar = tool_grammar or (output_grammar(request, state.engine.engine.grammar_tokenizer)
-                               if constrained(request) else None)
-    params = [sampling_params(request, max_tokens, logprobs, choice_seed(request.seed, i), grammar)
-              for i in range(request.n)]
+    converted, with_tools = engine_request(state, request)
+    prepared = await state.engine.prepare(converted)
+    prompt = prepared.prompt_token_ids
     request_id = state.engine.new_request_id("chatcmpl")
-    run = ChoiceRun(state.engine, state.metrics, request_id)
+    run = ChoiceRun(state.engine, state.metrics, request_id,
+                    [prepared.with_seed(choice_seed(request.seed, i)) for i in range(request.n)])
+    reservation.release()  # the engine counts them now
+    with_logprobs = converted.params.logprobs is not None
     choices = [ChoiceState(i, prompt) for i in range(request.n)]
     header = {"id": request_id, "created": int(time.time()), "model": state.served_model_name,
               "system_fingerprint": state.system_fingerprint}
-    outputs = run.run([prompt] * request.n, params)
     if request.stream:
         include_usage = bool(request.stream_options and request.stream_options.include_usage)
-        return _stream(state, header, run, outputs, choices, len(prompt), include_usage, logprobs is not None,
-                       tool_grammar is not None)
-    async for index, output in outputs:
+        stream = _stream(state, header, run, choices, len(prompt), include_usage, with_logprobs, with_tools)
+        weakref.finalize(stream, run.close)  # a client gone before the stream begins: nothing else closes it
+        return stream
+    async for index, output in run.outputs():
         choices[index].add(output)
     state.finish_request(request_id, len(prompt), choices, run)
     return {
         **header,
         "object": "chat.completion",
-        "choices": [_message_choice(state, c, logprobs is not None, tool_grammar is not None) for c in choices],
+        "choices": [_message_choice(state, c, with_logprobs, with_tools) for c in choices],
         "usage": usage(len(prompt), choices),
     }
 
@@ -98,7 +92,7 @@ def _message_choice(state: ServerState, choice: ChoiceState, with_logprobs: bool
 
 
 async def _stream(
-    state: ServerState, header: dict[str, Any], run: ChoiceRun, outputs: AsyncIterator, choices: list[ChoiceState],
+    state: ServerState, header: dict[str, Any], run: ChoiceRun, choices: list[ChoiceState],
     prompt_tokens: int, include_usage: bool, with_logprobs: bool, with_tools: bool,
 ) -> AsyncIterator[str]:
     def chunk(choice_list: list[dict[str, Any]], **extra: Any) -> str:
@@ -115,7 +109,7 @@ async def _stream(
         modes: list[str | None] = [None if with_tools else "text" for _ in choices]
         held = [""] * len(choices)
         streamers = [tools.ToolCallStreamer() for _ in choices]
-        async for index, output in outputs:
+        async for index, output in run.outputs():
             choices[index].add(output)
             piece = output.new_text
             if modes[index] is None:
@@ -141,7 +135,8 @@ async def _stream(
         if include_usage:
             yield chunk([], usage=usage(prompt_tokens, choices))
         state.finish_request(header["id"], prompt_tokens, choices, run)
-    except Exception as exc:  # the stream has begun: report in-band, then end it properly
-        error = as_api_error(exc)
-        yield f"data: {json.dumps(error.body())}\n\n"
+    except Exception as exc:  # noqa: BLE001 - the stream has begun: report in-band, then end it properly
+        yield stream_error(exc)
+    finally:
+        run.close()
     yield "data: [DONE]\n\n"

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import json
+import logging
 from typing import Any
 
+from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
-from phi4.engine.async_engine import EngineDeadError
-from phi4.errors import ContextLengthExceededError, InvalidRequestError
+from phi4.errors import ContextLengthExceededError, InvalidRequestError, RequestFailedError
+
+
+logger = logging.getLogger("phi4.server")
 
 
 class APIError(Exception):
@@ -27,7 +32,17 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
+def error_response(error: APIError) -> JSONResponse:
+    return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
+
+
+def shutting_down() -> APIError:
+    return APIError(503, "the server is shutting down; retry on another instance", type_="server_error",
+                    code="server_shutting_down", headers={"Retry-After": "5"})
+
+
 def as_api_error(exc: BaseException) -> APIError:
+    """Every error a client may see, in OpenAI's shape; anything unexpected is a 500 (logged by the caller)."""
     if isinstance(exc, APIError):
         return exc
     if isinstance(exc, ContextLengthExceededError):
@@ -36,7 +51,7 @@ def as_api_error(exc: BaseException) -> APIError:
         return APIError(400, str(exc), param=exc.param, code="invalid_value")
     if isinstance(exc, ValidationError):
         return validation_error(exc, None)
-    if isinstance(exc, EngineDeadError):
+    if isinstance(exc, RequestFailedError):
         return APIError(500, str(exc), type_="server_error", code="engine_error")
     return APIError(500, "internal server error", type_="server_error")
 
@@ -66,3 +81,11 @@ def _body_path(loc: tuple[Any, ...], body: Any) -> str | None:
             node = None
         parts.append(str(part))
     return ".".join(parts) or None
+
+
+def stream_error(exc: BaseException) -> str:
+    """The SSE event that ends a stream which has begun and then failed (a 500 is logged with its traceback)."""
+    error = as_api_error(exc)
+    if error.status >= 500 and not isinstance(exc, APIError):
+        logger.error("a stream failed: %s", error.message, exc_info=exc)
+    return f"data: {json.dumps(error.body())}\n\n"

@@ -1,5 +1,5 @@
-"""What chat and text completions share: sampling parameters from a request, running the n choices of
-one or more prompts concurrently, and the OpenAI shapes of logprobs and usage."""
+"""What chat and text completions share: sampling parameters and grammars from a request, running the n
+choices of one or more prompts concurrently, and the OpenAI shapes of logprobs and usage."""
 
 from __future__ import annotations
 
@@ -9,84 +9,54 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import llguidance
-
-from phi4.engine.async_engine import AsyncEngine
-from phi4.engine.request import RequestOutput
-from phi4.engine.sampling import TokenLogprob
-from phi4.errors import ContextLengthExceededError, InvalidRequestError
+from phi4.engine.client import EngineClient, OutputStream, PreparedRequest, RequestOutput, TokenLogprob
+from phi4.errors import InvalidRequestError
 from phi4.sampling_params import SamplingParams
 from phi4.server.metrics import Metrics
-from phi4.structured import grammars
 from phi4.server.protocol import SamplingFields
+from phi4.structured.grammars import GrammarSpec, from_structured_outputs
 from phi4.tokenizer import Tokenizer
 
 
-def constrained(request: SamplingFields) -> bool:
-    format_ = request.response_format
-    return (format_ is not None and format_.type != "text") or request.structured_outputs is not None
-
-
-def output_grammar(request: SamplingFields, tokenizer: llguidance.LLTokenizer) -> str | None:
-    """The grammar that `response_format` or `structured_outputs` asks for, compiled and checked."""
+def output_grammar(request: SamplingFields) -> GrammarSpec | None:
+    """The grammar `response_format` or `structured_outputs` asks for (compiled when the request is prepared)."""
     response_format = request.response_format
     spec = request.structured_outputs
     wants_format = response_format is not None and response_format.type != "text"
     if wants_format and spec is not None:
         raise InvalidRequestError("give response_format or structured_outputs, not both", "structured_outputs")
-    param = "response_format" if wants_format else "structured_outputs"
-    try:
-        if response_format is not None and response_format.type == "json_object":
-            grammar = grammars.json_object_grammar()
-        elif response_format is not None and response_format.type == "json_schema":
-            if response_format.json_schema is None or response_format.json_schema.schema_ is None:
-                raise InvalidRequestError("json_schema needs a schema", "response_format.json_schema")
-            grammar = grammars.json_schema_grammar(response_format.json_schema.schema_)
-        elif spec is not None:
-            grammar = grammars.from_structured_outputs(spec.model_dump(by_alias=True))
-        else:
-            return None
-    except InvalidRequestError:
-        raise
-    except Exception as exc:  # llguidance's own complaint about the schema, regex or grammar
-        raise InvalidRequestError(f"the {param} cannot be compiled: {exc}", param) from exc
-    grammars.check(grammar, tokenizer, param)
-    return grammar
+    if response_format is not None and response_format.type == "json_object":
+        return GrammarSpec("json_object", None, "response_format")
+    if response_format is not None and response_format.type == "json_schema":
+        if response_format.json_schema is None or response_format.json_schema.schema_ is None:
+            raise InvalidRequestError("json_schema needs a schema", "response_format.json_schema")
+        return GrammarSpec("json_schema", response_format.json_schema.schema_, "response_format")
+    if spec is not None:
+        return from_structured_outputs(spec.model_dump(by_alias=True))
+    return None
 
 
-def sampling_params(
-    request: SamplingFields, max_tokens: int | None, logprobs: int | None, seed: int | None,
-    grammar: str | None = None,
-) -> SamplingParams:
+def sampling_params(request: SamplingFields, max_tokens: int | None, logprobs: int | None,
+                    max_stop_sequences: int) -> SamplingParams:
+    stops = tuple(request.stop or ())
+    if len(stops) > max_stop_sequences:
+        raise InvalidRequestError(f"at most {max_stop_sequences} stop sequences are allowed (this server's "
+                                  f"--max-stop-sequences), got {len(stops)}", "stop")
     return SamplingParams(
         temperature=1.0 if request.temperature is None else float(request.temperature),
         top_p=1.0 if request.top_p is None else float(request.top_p),
         top_k=max(request.top_k or 0, 0),  # -1 and 0 both mean: no top-k
         min_p=float(request.min_p or 0.0),
         max_tokens=max_tokens,
-        stop=tuple(request.stop or ()),
-        seed=seed,
+        stop=stops,
+        seed=request.seed,
         frequency_penalty=float(request.frequency_penalty or 0.0),
         presence_penalty=float(request.presence_penalty or 0.0),
         repetition_penalty=float(request.repetition_penalty or 1.0),
         logit_bias={int(k): float(v) for k, v in (request.logit_bias or {}).items()},
         logprobs=logprobs,
         ignore_eos=request.ignore_eos,
-        grammar=grammar,
     )
-
-
-def check_context(num_prompt_tokens: int, max_tokens: int | None, max_model_len: int) -> None:
-    if num_prompt_tokens >= max_model_len:
-        raise ContextLengthExceededError(num_prompt_tokens, max_model_len)
-    if max_tokens is not None and num_prompt_tokens + max_tokens > max_model_len:
-        error = ContextLengthExceededError(num_prompt_tokens + max_tokens, max_model_len)
-        error.args = (
-            f"This model's maximum context length is {max_model_len} tokens. However, you requested "
-            f"{num_prompt_tokens + max_tokens} tokens ({num_prompt_tokens} in the prompt, {max_tokens} for the "
-            "completion). Please reduce the prompt or the completion length.",
-        )
-        raise error
 
 
 def choice_seed(seed: int | None, index: int) -> int | None:
@@ -113,33 +83,44 @@ class ChoiceState:
 
 @dataclass
 class ChoiceRun:
-    """The n choices of one HTTP request, run concurrently, with timing for the metrics."""
+    """The choices of one HTTP request, submitted to the engine at once (so that the queue counts them from
+    the start) and read concurrently, with timing for the metrics."""
 
-    engine: AsyncEngine
+    engine: EngineClient
     metrics: Metrics
     request_id: str
+    choices: list[PreparedRequest]
     started: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
     last_token_at: float | None = None
+    streams: list[OutputStream] = field(init=False)
 
-    async def run(
-        self, prompts: list[list[int]], params: list[SamplingParams]
-    ) -> AsyncIterator[tuple[int, RequestOutput]]:
-        """Yield (choice index, output) as outputs arrive; leaving early aborts every choice."""
+    def __post_init__(self) -> None:
+        self.streams = [self.engine.generate(f"{self.request_id}-{i}", c) for i, c in enumerate(self.choices)]
+
+    async def outputs(self) -> AsyncIterator[tuple[int, RequestOutput]]:
+        """Yield (choice index, output) as outputs arrive; leaving early (or failing) aborts every choice."""
+        if len(self.streams) == 1:  # the common case: no merging needed
+            try:
+                async for output in self.streams[0]:
+                    self._observe(output)
+                    yield 0, output
+            finally:
+                self.close()
+            return
         merged: asyncio.Queue[tuple[int, RequestOutput | BaseException | None]] = asyncio.Queue()
 
         async def pump(index: int) -> None:
             try:
-                rid = f"{self.request_id}-{index}"
-                async for output in self.engine.generate(rid, prompts[index], params[index]):
+                async for output in self.streams[index]:
                     await merged.put((index, output))
                 await merged.put((index, None))
             except asyncio.CancelledError:
                 raise
-            except BaseException as exc:  # reported to the consumer, which raises it
+            except BaseException as exc:  # noqa: BLE001 - reported to the consumer, which raises it
                 await merged.put((index, exc))
 
-        tasks = [asyncio.create_task(pump(i)) for i in range(len(prompts))]
+        tasks = [asyncio.create_task(pump(i)) for i in range(len(self.streams))]
         remaining = len(tasks)
         try:
             while remaining:
@@ -152,9 +133,14 @@ class ChoiceRun:
                 self._observe(item)
                 yield index, item
         finally:
+            self.close()
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+
+    def close(self) -> None:
+        for stream in self.streams:
+            stream.close()
 
     def _observe(self, output: RequestOutput) -> None:
         if not output.new_token_ids:

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, field_validator
 
+from phi4.sampling_params import MAX_TOP_K
+
 Number = Union[StrictInt, StrictFloat]
+MAX_TOKENS = 2**31 - 1  # no context is longer; larger values are refused, not wrapped
+TOKEN_ID = re.compile(r"[0-9]{1,10}")  # ASCII digits only: "²" passes str.isdigit but is no token id
 
 
 class _Body(BaseModel):
@@ -95,11 +100,11 @@ class SamplingFields(_Body):
     """Parameters shared by chat and text completions."""
 
     model: StrictStr
-    temperature: Number | None = Field(default=None, ge=0, le=2)
+    temperature: Number | None = Field(default=None, ge=0, le=2)  # below 1e-5: greedy
     top_p: Number | None = Field(default=None, gt=0, le=1)
-    max_tokens: StrictInt | None = Field(default=None, ge=1)
-    stop: Union[StrictStr, list[StrictStr], None] = None
-    seed: StrictInt | None = None
+    max_tokens: StrictInt | None = Field(default=None, ge=1, le=MAX_TOKENS)
+    stop: Union[StrictStr, list[StrictStr], None] = None  # as many as the server's --max-stop-sequences
+    seed: StrictInt | None = Field(default=None, ge=-(2**63), lt=2**64)
     frequency_penalty: Number | None = Field(default=None, ge=-2, le=2)
     presence_penalty: Number | None = Field(default=None, ge=-2, le=2)
     n: StrictInt = Field(default=1, ge=1, le=128)
@@ -110,17 +115,15 @@ class SamplingFields(_Body):
     # Extensions, named as vLLM names them.
     response_format: ResponseFormat | None = None
     structured_outputs: StructuredOutputs | None = None
-    top_k: StrictInt | None = Field(default=None, ge=-1)
+    top_k: StrictInt | None = Field(default=None, ge=-1, le=MAX_TOP_K)
     min_p: Number | None = Field(default=None, ge=0, le=1)
     repetition_penalty: Number | None = Field(default=None, gt=0, le=2)
     ignore_eos: StrictBool = False
 
     @field_validator("stop")
     @classmethod
-    def _at_most_four(cls, value: str | list[str] | None) -> list[str]:
+    def _stop_list(cls, value: str | list[str] | None) -> list[str]:
         stops = [value] if isinstance(value, str) else list(value or [])
-        if len(stops) > 4:
-            raise ValueError("at most 4 stop sequences are allowed")
         if any(not s for s in stops):
             raise ValueError("stop sequences must not be empty")
         return stops
@@ -129,8 +132,8 @@ class SamplingFields(_Body):
     @classmethod
     def _bias_range(cls, value: dict[str, float] | None) -> dict[str, float] | None:
         for token, bias in (value or {}).items():
-            if not token.isdigit():
-                raise ValueError(f"logit_bias keys must be token ids, got {token!r}")
+            if not TOKEN_ID.fullmatch(token):
+                raise ValueError(f"logit_bias keys must be token ids (decimal digits), got {token[:20]!r}")
             if not -100 <= bias <= 100:
                 raise ValueError(f"logit_bias values must be in [-100, 100], got {bias}")
         return value
@@ -138,7 +141,7 @@ class SamplingFields(_Body):
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: StrictInt | None = Field(default=None, ge=1)
+    max_completion_tokens: StrictInt | None = Field(default=None, ge=1, le=MAX_TOKENS)
     logprobs: StrictBool = False
     top_logprobs: StrictInt | None = Field(default=None, ge=0, le=20)
     tools: list[Tool] | None = None

@@ -1,17 +1,29 @@
-"""`phi4 serve`: load the model in the background, serve HTTP with uvicorn, stop gracefully on signals."""
+"""`phi4 serve`: load the model in the background, serve HTTP with uvicorn, stop gracefully on signals.
+
+Shutdown: SIGINT/SIGTERM stop accepting connections and let requests in flight finish for the grace
+period; then every request still open ends with an error (a stream: an error event, then `[DONE]`), so
+that no client sees its stream cut without a word. Slow clients cannot hold sockets: headers must arrive
+within `header_timeout` seconds of the connection (or of the last response), and each piece of a body
+within `body_timeout` (else 408).
+"""
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import socket
 from dataclasses import dataclass
+from typing import Any
 
 import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from phi4.config import EngineConfig
-from phi4.engine.async_engine import AsyncEngine
+from phi4.engine.client import InProcessEngine
 from phi4.engine.engine import LLMEngine
 from phi4.model.loader import resolve_checkpoint
 from phi4.server.app import LoadingState, create_app
+from phi4.server.errors import shutting_down
 from phi4.server.state import ServerState
 
 logger = logging.getLogger("phi4.server")
@@ -25,35 +37,87 @@ class ServeOptions:
     served_model_name: str = "microsoft/phi-4"
     api_key: str | None = None
     max_queue: int = 1024
+    max_stop_sequences: int = 16
     device: str = "auto"
     dtype: str = "auto"
     engine: EngineConfig = EngineConfig()
-    graceful_shutdown_seconds: int = 30
+    graceful_shutdown_seconds: float = 30.0
+    header_timeout: float = 10.0
+    body_timeout: float = 30.0
 
 
 def load_state(options: ServeOptions) -> ServerState:
     engine = LLMEngine(resolve_checkpoint(options.model), options.engine, options.device, options.dtype)
     logger.info("loaded %s on %s (%s); max_model_len %d, %d KV blocks", options.model, engine.device, engine.dtype,
                 engine.max_model_len, engine.block_manager.num_blocks)
-    return ServerState(AsyncEngine(engine), options.served_model_name, options.api_key, options.max_queue)
+    return ServerState(InProcessEngine(engine), options.served_model_name, options.api_key, options.max_queue,
+                       options.max_stop_sequences)
+
+
+def protocol_with_header_timeout(seconds: float) -> type[H11Protocol]:
+    class HeaderDeadlineProtocol(H11Protocol):
+        """uvicorn waits for a request's headers for as long as a client cares to send them; this closes a
+        connection whose request has not begun `seconds` after the connection (or the last response)."""
+
+        def connection_made(self, transport: Any) -> None:  # noqa: ANN401
+            super().connection_made(transport)
+            self._deadline = self.loop.call_later(seconds, self._enforce_deadline)
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self._deadline.cancel()
+            self._deadline = self.loop.call_later(seconds, self._enforce_deadline)
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._deadline.cancel()
+            super().connection_lost(exc)
+
+        def _enforce_deadline(self) -> None:
+            if (self.cycle is None or self.cycle.response_complete) and not self.transport.is_closing():
+                self.transport.close()
+
+    return HeaderDeadlineProtocol
+
+
+class GracefulServer(uvicorn.Server):
+    """uvicorn's shutdown, plus: when the grace period is over, the requests still open end with an error."""
+
+    def __init__(self, config: uvicorn.Config, loading: LoadingState, grace: float) -> None:
+        super().__init__(config)
+        self.loading = loading
+        self.grace = grace
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        expiry = asyncio.get_running_loop().call_later(self.grace, self._end_open_requests)
+        try:
+            await super().shutdown(sockets)
+        finally:
+            expiry.cancel()
+
+    def _end_open_requests(self) -> None:
+        state = self.loading.state
+        if state is not None:
+            logger.warning("the grace period is over: ending the requests still open")
+            state.engine.cancel_all(shutting_down())
 
 
 def serve(options: ServeOptions) -> int:
     """Serve until a signal; the exit status is 1 when the model could not be loaded."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # uvicorn waits past the grace period only for the streams to send their error events.
     config = uvicorn.Config(None, host=options.host, port=options.port, log_level="info", access_log=False,
-                            timeout_graceful_shutdown=options.graceful_shutdown_seconds)
-    server = uvicorn.Server(config)
+                            http=protocol_with_header_timeout(options.header_timeout),
+                            timeout_graceful_shutdown=int(options.graceful_shutdown_seconds) + 5)
 
     def give_up(error: BaseException) -> None:
         logger.error("could not load %s: %s", options.model, error)
         server.should_exit = True  # a server that can never answer should not pretend to
 
     loading = LoadingState(lambda: load_state(options), on_failure=give_up)
-    config.app = create_app(loading)
+    server = GracefulServer(config, loading, options.graceful_shutdown_seconds)
+    config.app = create_app(loading, body_timeout=options.body_timeout)
     loading.start()
     try:
-        # uvicorn stops accepting on SIGINT/SIGTERM and lets requests in flight finish (up to the timeout).
         server.run()
     finally:
         if loading.state is not None:

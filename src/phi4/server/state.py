@@ -1,13 +1,14 @@
-"""What every request handler needs: the engine bridge, the tokenizer, settings and metrics."""
+"""What every request handler needs: the engine client, the tokenizer, settings, admission and metrics."""
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from phi4 import __version__
-from phi4.engine.async_engine import AsyncEngine
+from phi4.engine.client import EngineClient
 from phi4.server.errors import APIError
 from phi4.server.generation import ChoiceRun, ChoiceState
 from phi4.server.metrics import Metrics
@@ -16,33 +17,78 @@ from phi4.tokenizer import Tokenizer
 logger = logging.getLogger("phi4.server")
 
 
+class Admission:
+    """`--max-queue` counts sequences (prompts x n), not HTTP requests: those waiting in the engine and those
+    still being prepared. A request larger than the whole queue is a 400; one that does not fit now, a 429.
+
+    Check and reserve happen on the event loop between awaits, so concurrent requests cannot both take
+    the last places; a reservation ends when its sequences reach the engine (which counts them from then on)
+    or when the request fails first."""
+
+    def __init__(self, max_queue: int, engine_waiting: Callable[[], int]) -> None:
+        self.max_queue = max_queue
+        self._engine_waiting = engine_waiting
+        self.preparing = 0
+
+    def reserve(self, sequences: int) -> Reservation:
+        if sequences > self.max_queue:
+            raise APIError(400, f"this request asks for {sequences} sequences (prompts x n), more than the "
+                                f"server's whole queue ({self.max_queue})", param="n", code="request_too_large")
+        if self._engine_waiting() + self.preparing + sequences > self.max_queue:
+            raise APIError(429, f"the server's queue is full ({self.max_queue} sequences waiting); retry shortly",
+                           type_="rate_limit_error", code="queue_full", headers={"Retry-After": "1"})
+        self.preparing += sequences
+        return Reservation(self, sequences)
+
+
+@dataclass
+class Reservation:
+    admission: Admission
+    sequences: int
+
+    def release(self) -> None:
+        self.admission.preparing -= self.sequences
+        self.sequences = 0
+
+    def __enter__(self) -> Reservation:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.release()
+
+
 @dataclass
 class ServerState:
-    engine: AsyncEngine
+    engine: EngineClient
     served_model_name: str
     api_key: str | None = None
     max_queue: int = 1024
+    max_stop_sequences: int = 16
     created: int = field(default_factory=lambda: int(time.time()))
     metrics: Metrics = field(init=False)
+    admission: Admission = field(init=False)
 
     def __post_init__(self) -> None:
-        engine = self.engine
+        stats = self.engine.stats
+        self.admission = Admission(self.max_queue, lambda: stats().num_waiting)
         self.metrics = Metrics({
-            "phi4_num_requests_waiting": ("Sequences waiting to be scheduled.", lambda: engine.num_waiting),
-            "phi4_num_requests_running": ("Sequences in the running batch.", lambda: engine.num_running),
-            "phi4_kv_cache_usage_ratio": ("Fraction of KV-cache blocks in use.",
-                                          lambda: engine.engine.block_manager.usage),
+            "phi4_num_requests_waiting": ("Sequences waiting to be scheduled.", lambda: stats().num_waiting),
+            "phi4_num_requests_running": ("Sequences in the running batch.", lambda: stats().num_running),
+            "phi4_kv_cache_usage_ratio": ("Fraction of KV-cache blocks in use.", lambda: stats().kv_cache_usage),
             "phi4_kv_cache_free_blocks": ("KV-cache blocks free (cached prefixes included).",
-                                          lambda: engine.engine.block_manager.num_free_blocks),
+                                          lambda: stats().kv_free_blocks),
+            "phi4_num_preemptions": ("Sequences preempted so far.", lambda: stats().num_preemptions),
+            "phi4_prefix_cache_hit_tokens": ("Prompt tokens served from the prefix cache so far.",
+                                             lambda: stats().prefix_hit_tokens),
         })
 
     @property
     def tokenizer(self) -> Tokenizer:
-        return self.engine.engine.tokenizer
+        return self.engine.tokenizer
 
     @property
     def max_model_len(self) -> int:
-        return self.engine.engine.max_model_len
+        return self.engine.max_model_len
 
     @property
     def system_fingerprint(self) -> str:
@@ -52,11 +98,6 @@ class ServerState:
         if model is not None and model != self.served_model_name:
             raise APIError(404, f"The model `{model}` does not exist; this server serves `{self.served_model_name}`.",
                            param="model", code="model_not_found")
-
-    def check_queue(self) -> None:
-        if self.engine.num_waiting >= self.max_queue:
-            raise APIError(429, f"the server's queue is full ({self.max_queue} waiting); retry shortly",
-                           type_="rate_limit_error", code="queue_full", headers={"Retry-After": "1"})
 
     def finish_request(self, request_id: str, prompt_tokens: int, choices: list[ChoiceState], run: ChoiceRun) -> None:
         generated = sum(len(c.token_ids) for c in choices)

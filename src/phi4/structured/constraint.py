@@ -1,4 +1,4 @@
-"""Per-sequence grammar state, and the next-token masks of a batch.
+"""Per-sequence grammar state (`Constraint`), and the next-token masks of a batch.
 
 A model can ramble inside a JSON string or number for as long as it likes, and a model with random
 weights always does: the output would hit its token budget half-written. So when few tokens are left
@@ -33,22 +33,26 @@ _IN_TEXT_ORDER = ("end", "quote_and_close", "quote", "joiner", "close", "close_s
 _STRUCTURE_ORDER = ("end", "quote_and_close", "close", "close_spaced", "separator", "short_value", "quote", "joiner")
 
 
+class GrammarError(RuntimeError):
+    """A sequence's grammar refused a token or could not compute its mask: that request ends with it."""
+
+
 @dataclass
-class GrammarConstraint:
+class Constraint:
+    """One sequence's position in its grammar (a copy of the compiled matcher: see GrammarService)."""
+
     matcher: llguidance.LLMatcher
     finished: bool = field(default=False)
 
-    @classmethod
-    def compile(cls, tokenizer: llguidance.LLTokenizer, grammar: str) -> GrammarConstraint:
-        return cls(llguidance.LLMatcher(tokenizer, grammar))
-
     def fill(self, bitmask_row: torch.Tensor) -> None:
         self.matcher.unsafe_compute_mask_ptr(bitmask_row.data_ptr(), bitmask_row.numel() * 4)
+        if self.matcher.is_error():
+            raise GrammarError(f"the grammar failed: {self.matcher.get_error()}")
 
     def consume(self, token: int) -> None:
         """Advance past the sampled token; the grammar is done once it accepts nothing more."""
         if not self.matcher.consume_token(token):
-            raise RuntimeError(f"the grammar refused token {token}: {self.matcher.get_error()}")
+            raise GrammarError(f"the grammar refused token {token}: {self.matcher.get_error()}")
         self.finished = self.matcher.is_stopped()
 
 
@@ -79,22 +83,35 @@ class ClosingTiers:
         return allowed
 
 
+@dataclass(frozen=True)
+class BatchMasks:
+    """[B, V] bool of the tokens each row may take (all True for unconstrained rows), and the rows whose
+    grammar failed (their message): those requests end with the error, the others are sampled."""
+
+    allowed: torch.Tensor
+    failed: dict[int, str]
+
+
 def allowed_tokens(
-    constraints: list[GrammarConstraint | None],
+    constraints: list[Constraint | None],
     closing: list[bool],
     vocab_size: int,
     tiers: ClosingTiers,
     device: torch.device,
-) -> torch.Tensor | None:
-    """[B, V] bool of the tokens each row may take (all True for unconstrained rows), or None if no row is
-    constrained. Masks are computed on the CPU by llguidance and applied on the logits' device."""
+) -> BatchMasks | None:
+    """The batch's masks, or None if no row is constrained. Masks are computed on the CPU by llguidance and
+    applied on the logits' device."""
     rows = [i for i, c in enumerate(constraints) if c is not None]
     if not rows:
         return None
     words = (vocab_size + 31) // 32
     bitmask = torch.full((len(rows), words), -1, dtype=torch.int32)
+    failed: dict[int, str] = {}
     for slot, row in enumerate(rows):
-        constraints[row].fill(bitmask[slot])  # type: ignore[union-attr]
+        try:
+            constraints[row].fill(bitmask[slot])  # type: ignore[union-attr]
+        except Exception as exc:  # noqa: BLE001 - one grammar's failure is its request's alone
+            failed[row] = str(exc)
     shifts = torch.arange(32, dtype=torch.int32)
     bits = ((bitmask.unsqueeze(-1) >> shifts) & 1).bool().view(len(rows), -1)[:, :vocab_size]
     allowed = torch.ones(len(constraints), vocab_size, dtype=torch.bool)
@@ -102,4 +119,6 @@ def allowed_tokens(
     for row in rows:
         if closing[row]:
             allowed[row] = tiers.narrow(allowed[row])
-    return allowed.to(device)
+    for row in failed:
+        allowed[row] = True  # sampled like any row, then ended with its error
+    return BatchMasks(allowed.to(device), failed)

@@ -1,0 +1,281 @@
+"""EngineClient: all the HTTP server knows of the engine, and the in-process engine behind it.
+
+The interface: fixed facts (tokenizer, `max_model_len`, vocabulary size), `prepare` (tokenize, apply the
+chat template, validate, compile grammars: in a pool of worker threads, never on the event loop),
+`generate` (submit now, then an async stream of outputs; closing it early aborts the request), `stats` (a
+snapshot the engine thread publishes) and `cancel_all` (shutdown). An in-process engine, a Ray Serve
+replica set or a fake for the server's tests all fit behind it.
+
+The in-process engine runs the engine loop in its own thread. Submissions and aborts go through a queue
+that the loop drains between steps, so the event loop never waits for a model step; outputs come back to
+each request's asyncio queue with `call_soon_threadsafe`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import itertools
+import logging
+import threading
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar, Union
+
+from phi4.engine.engine import EngineStats, LLMEngine
+from phi4.engine.request import RequestOutput
+from phi4.engine.sampling import TokenLogprob
+from phi4.errors import RequestFailedError
+from phi4.sampling_params import SamplingParams
+from phi4.structured.grammars import GrammarSpec
+from phi4.structured.service import CompiledGrammar, GrammarService
+from phi4.tokenizer import Tokenizer
+
+logger = logging.getLogger("phi4.engine")
+__all__ = ["EngineClient", "EngineRequest", "EngineStats", "InProcessEngine", "OutputStream", "PreparedRequest",
+           "RequestOutput", "RequestPreparer", "TokenLogprob"]  # all the server needs of the engine
+T = TypeVar("T")
+Messages = list[dict[str, Any]]
+PromptInput = Union[list[int], str, Messages]
+
+
+@dataclass(frozen=True)
+class EngineRequest:
+    """A request as the server hands it over: the prompt (token ids, text, or chat messages for the
+    checkpoint's template), sampling, the output's grammar, and grammars that must also compile (each
+    tool's parameter schema, for an error that names it)."""
+
+    prompt: PromptInput
+    params: SamplingParams
+    grammar: GrammarSpec | None = None
+    checks: tuple[GrammarSpec, ...] = ()
+
+
+@dataclass(frozen=True)
+class PreparedRequest:
+    """Validated, tokenized and compiled: submitting it does no work on the event loop."""
+
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    grammar: CompiledGrammar | None = None
+
+    def with_seed(self, seed: int | None) -> PreparedRequest:
+        return dataclasses.replace(self, params=dataclasses.replace(self.params, seed=seed))
+
+
+class RequestPreparer:
+    """What `prepare` does, on whichever thread calls it: tokenize (applying the chat template to messages),
+    validate, and compile the grammars."""
+
+    def __init__(self, tokenizer: Tokenizer, grammars: GrammarService,
+                 validate: Callable[[list[int], SamplingParams], None]) -> None:
+        self.tokenizer = tokenizer
+        self.grammars = grammars
+        self.validate = validate
+
+    def tokenize(self, prompt: PromptInput) -> list[int]:
+        if isinstance(prompt, str):
+            return self.tokenizer.encode(prompt)
+        if prompt and isinstance(prompt[0], dict):
+            return self.tokenizer.encode(self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True))
+        return list(prompt)  # type: ignore[arg-type]
+
+    def prepare(self, request: EngineRequest) -> PreparedRequest:
+        prompt = self.tokenize(request.prompt)
+        self.validate(prompt, request.params)
+        for check in request.checks:
+            self.grammars.compile(check)
+        compiled = self.grammars.compile(request.grammar) if request.grammar is not None else None
+        params = request.params
+        if compiled is not None:
+            params = dataclasses.replace(params, grammar=compiled.text)
+        return PreparedRequest(prompt, params, compiled)
+
+
+class OutputStream(Protocol):
+    def __aiter__(self) -> AsyncIterator[RequestOutput]: ...
+
+    async def __anext__(self) -> RequestOutput: ...
+
+    def close(self) -> None: ...
+
+
+class EngineClient(Protocol):
+    tokenizer: Tokenizer
+    max_model_len: int
+    vocab_size: int
+
+    async def prepare(self, request: EngineRequest) -> PreparedRequest: ...
+
+    async def tokenize(self, prompt: PromptInput) -> list[int]: ...
+
+    def generate(self, request_id: str, request: PreparedRequest) -> OutputStream: ...
+
+    def stats(self) -> EngineStats: ...
+
+    def new_request_id(self, prefix: str) -> str: ...
+
+    def cancel_all(self, error: BaseException) -> None: ...
+
+    def shutdown(self) -> None: ...
+
+
+@dataclass
+class _Submission:
+    request_id: str
+    request: PreparedRequest
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue[RequestOutput | BaseException]
+
+
+@dataclass(frozen=True)
+class _CancelAll:
+    error: BaseException
+
+
+class _Stream:
+    """One request's outputs, in order; an output with an error raises it. Closing it early aborts."""
+
+    def __init__(self, client: InProcessEngine, submission: _Submission) -> None:
+        self._client = client
+        self._submission = submission
+        self._done = False
+
+    def __aiter__(self) -> _Stream:
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self._done:
+            raise StopAsyncIteration
+        item = await self._submission.queue.get()
+        if isinstance(item, BaseException):
+            self._done = True  # the engine has dropped the request already
+            raise item
+        if item.finished:
+            self._done = True
+            if item.error is not None:
+                raise RequestFailedError(item.error)
+        return item
+
+    def close(self) -> None:
+        if not self._done:
+            self._done = True
+            self._client._enqueue(self._submission.request_id)
+
+
+def _deliver(batch: list[tuple[asyncio.Queue, RequestOutput]]) -> None:
+    for queue, output in batch:
+        queue.put_nowait(output)
+
+
+class InProcessEngine:
+    """An LLMEngine in this process, its loop on a thread of its own."""
+
+    def __init__(self, engine: LLMEngine, prepare_workers: int = 4) -> None:
+        self.engine = engine
+        self.tokenizer = engine.tokenizer
+        self.max_model_len = engine.max_model_len
+        self.vocab_size = engine.model_config.vocab_size
+        self._preparer = RequestPreparer(engine.tokenizer, engine.grammars, engine.validate)
+        self._workers = ThreadPoolExecutor(prepare_workers, thread_name_prefix="phi4-prepare")
+        self._pending: deque[_Submission | str | _CancelAll] = deque()  # new requests, ids to abort, cancel
+        self._streams: dict[str, _Submission] = {}
+        self._stats = engine.stats()
+        self._wakeup = threading.Event()
+        self._stopping = False
+        self._ids = itertools.count()
+        self._thread = threading.Thread(target=self._run, name="phi4-engine", daemon=True)
+        self._thread.start()
+
+    def new_request_id(self, prefix: str) -> str:
+        return f"{prefix}-{next(self._ids)}"
+
+    async def _off_loop(self, function: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._workers, function, *args)
+
+    async def prepare(self, request: EngineRequest) -> PreparedRequest:
+        return await self._off_loop(self._preparer.prepare, request)
+
+    async def tokenize(self, prompt: PromptInput) -> list[int]:
+        return await self._off_loop(self._preparer.tokenize, prompt)
+
+    def generate(self, request_id: str, request: PreparedRequest) -> _Stream:
+        submission = _Submission(request_id, request, asyncio.get_running_loop(), asyncio.Queue())
+        self._enqueue(submission)
+        return _Stream(self, submission)
+
+    def stats(self) -> EngineStats:
+        """The last snapshot, with submissions the engine has not taken yet counted as waiting."""
+        waiting = sum(isinstance(p, _Submission) for p in list(self._pending))
+        return dataclasses.replace(self._stats, num_waiting=self._stats.num_waiting + waiting)
+
+    def cancel_all(self, error: BaseException) -> None:
+        """End every request in flight with `error` (e.g. at shutdown)."""
+        self._enqueue(_CancelAll(error))
+
+    def shutdown(self) -> None:
+        self._stopping = True
+        self._wakeup.set()
+        self._thread.join(timeout=10)
+        self._workers.shutdown(wait=False, cancel_futures=True)
+
+    def _enqueue(self, item: _Submission | str | _CancelAll) -> None:
+        self._pending.append(item)
+        self._wakeup.set()
+
+    # the engine thread
+
+    def _run(self) -> None:
+        engine = self.engine
+        while not self._stopping:
+            self._apply_pending()
+            self._stats = engine.stats()
+            if not engine.has_unfinished_requests():
+                self._wakeup.wait()
+                self._wakeup.clear()
+                continue
+            try:
+                outputs = engine.step()
+            except Exception as exc:  # noqa: BLE001 - a bug outside any one request: end them all, go on
+                logger.exception("the engine loop failed; ending %d requests", len(self._streams))
+                self._cancel_all(RequestFailedError(f"the engine failed: {exc!r}"))
+                continue
+            # One wake-up per event loop per step, not one per output: the loop has less to do and the
+            # engine thread fewer system calls (it matters when both share two cores).
+            batches: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, RequestOutput]]] = {}
+            for output in outputs:
+                submission = self._streams.get(output.request_id)
+                if submission is None:
+                    continue
+                if output.finished:
+                    del self._streams[output.request_id]
+                batches.setdefault(submission.loop, []).append((submission.queue, output))
+            for loop, batch in batches.items():
+                loop.call_soon_threadsafe(_deliver, batch)
+            self._stats = engine.stats()
+
+    def _apply_pending(self) -> None:
+        while self._pending:
+            item = self._pending.popleft()
+            if isinstance(item, str):
+                if self._streams.pop(item, None) is not None:
+                    self.engine.abort_request(item)
+            elif isinstance(item, _CancelAll):
+                self._cancel_all(item.error)
+            else:
+                try:
+                    request = item.request
+                    self.engine.add_request(request.prompt_token_ids, request.params, item.request_id,
+                                            grammar=request.grammar)
+                except Exception as exc:  # noqa: BLE001 - validated already; anything left is its own
+                    item.loop.call_soon_threadsafe(item.queue.put_nowait, exc)
+                    continue
+                self._streams[item.request_id] = item
+
+    def _cancel_all(self, error: BaseException) -> None:
+        for request_id, submission in list(self._streams.items()):
+            self.engine.abort_request(request_id)
+            submission.loop.call_soon_threadsafe(submission.queue.put_nowait, error)
+        self._streams.clear()

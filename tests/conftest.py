@@ -128,3 +128,50 @@ def client(server: Server) -> openai.OpenAI:
     import openai  # here, not at the top: the GPU checks run where the server's packages may be missing
 
     return openai.OpenAI(base_url=f"{server.url}/v1", api_key=API_KEY, max_retries=0)
+
+
+THINK_IDS = {"<think>": 100350, "</think>": 100351}  # two of Phi-4's dummy tokens, repurposed
+
+
+@pytest.fixture(scope="session")
+def reasoning_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A scripted reasoning checkpoint: Phi-4's tokenizer with <think> and </think> as special tokens, a chat
+    template that mentions them, and weights whose greedy answer to any chat prompt is exactly
+    `<think>Hmm ok</think>Hello!` then end of turn.
+
+    Attention and MLP outputs are zero, so the last hidden state is the last token's embedding; each token of
+    the script has a one-hot embedding whose LM-head column points at the next token of the script."""
+    from tokenizers import Tokenizer as HFTokenizer
+
+    from phi4.demo import demo_config, phi4_tokenizer_json
+
+    def one_token(text: str) -> int:
+        [token] = HFTokenizer.from_str(phi4_tokenizer_json()).encode(text, add_special_tokens=False).ids
+        return token
+
+    script = [100266, THINK_IDS["<think>"], one_token("Hmm"), one_token(" ok"), THINK_IDS["</think>"],
+              one_token("Hello"), one_token("!"), 100265]  # from <|im_sep|> to <|im_end|>
+    directory = tmp_path_factory.mktemp("phi4-reasoning")
+    config = {**demo_config(), "_name_or_path": "phi4-reasoning-scripted"}
+    weights = random_phi3_weights(config, seed=7)
+    for name, tensor in weights.items():
+        if name.endswith(("o_proj.weight", "down_proj.weight")):
+            tensor.zero_()
+    weights["model.norm.weight"].fill_(1.0)
+    embed, head = weights["model.embed_tokens.weight"], weights["lm_head.weight"]
+    for dim, (token, successor) in enumerate(zip(script, script[1:])):
+        embed[token] = 0.0
+        embed[token, dim] = 1.0
+        head[successor, dim] = 4.0
+    write_checkpoint(directory, config, weights)
+    for path in ("tokenizer.json", "tokenizer_config.json"):
+        data = json.loads((directory / path).read_text())
+        for tag, token_id in THINK_IDS.items():
+            token = (next(t for t in data["added_tokens"] if t["id"] == token_id) if path == "tokenizer.json"
+                     else data["added_tokens_decoder"][str(token_id)])
+            token.update(content=tag, lstrip=False, rstrip=False, special=True)
+        if path == "tokenizer_config.json":
+            data["chat_template"] = ("{{- '<|im_start|>system<|im_sep|>Think inside <think> and </think>, then "
+                                     "answer.<|im_end|>' -}}" + data["chat_template"])
+        write_json(directory / path, data)
+    return directory

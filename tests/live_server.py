@@ -24,10 +24,10 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, *extra_args: str, api_key: str | None = API_KEY) -> None:
+    def __init__(self, *extra_args: str, api_key: str | None = API_KEY, model: str = "demo") -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        args = [sys.executable, "-m", "phi4.cli", "serve", "--model", "demo", "--port", str(self.port),
+        args = [sys.executable, "-m", "phi4.cli", "serve", "--model", model, "--port", str(self.port),
                 "--max-model-len", str(MAX_MODEL_LEN), *extra_args]
         if api_key:
             args += ["--api-key", api_key]

@@ -96,10 +96,18 @@ def test_completion_logprobs_have_the_legacy_shape(state: ServerState) -> None:
     loading.start()
     loading.wait(30)
     with TestClient(create_app(loading)) as client:
-        body = {"model": MODEL, "prompt": "Hello", "max_tokens": 5, "temperature": 0, "logprobs": 2, "echo": True}
+        body = {"model": MODEL, "prompt": "Hello there", "max_tokens": 5, "temperature": 0, "logprobs": 2}
         choice = client.post("/v1/completions", json=body).json()["choices"][0]
         logprobs = choice["logprobs"]
         assert len(logprobs["tokens"]) == len(logprobs["token_logprobs"]) == len(logprobs["top_logprobs"]) == 5
         assert all(len(top) <= 2 for top in logprobs["top_logprobs"])
-        assert logprobs["text_offset"][0] == len("Hello") and choice["text"].startswith("Hello")
-        assert "".join(logprobs["tokens"]) == choice["text"][len("Hello"):]
+        assert logprobs["text_offset"][0] == 0
+        assert "".join(logprobs["tokens"]) == choice["text"]
+        # with echo the prompt's tokens come first, the very first without a log-probability (as vLLM)
+        echoed = client.post("/v1/completions", json={**body, "echo": True}).json()["choices"][0]
+        prompt_tokens = len(client.post("/tokenize", json={"prompt": "Hello there"}).json()["tokens"])
+        assert echoed["text"] == "Hello there" + choice["text"]
+        assert len(echoed["logprobs"]["tokens"]) == prompt_tokens + 5
+        assert echoed["logprobs"]["token_logprobs"][0] is None and echoed["logprobs"]["top_logprobs"][0] is None
+        assert echoed["logprobs"]["token_logprobs"][prompt_tokens:] == logprobs["token_logprobs"]
+        assert echoed["logprobs"]["text_offset"][0] == 0

@@ -128,3 +128,50 @@ def test_text_completions_take_structured_outputs_too(client: openai.OpenAI) -> 
     completion = client.completions.create(model=MODEL, prompt="Pick one:", max_tokens=10, temperature=1.0,
                                            seed=3, extra_body={"structured_outputs": {"choice": ["left", "right"]}})
     assert completion.choices[0].text in ("left", "right")
+
+
+TREE = {"$defs": {"node": {"type": "object", "properties": {
+    "label": {"type": "string"}, "children": {"type": "array", "items": {"$ref": "#/$defs/node"}, "maxItems": 2}},
+    "required": ["label", "children"]}}, "$ref": "#/$defs/node"}
+
+
+def test_a_recursive_schema_ends_complete_within_its_budget(client: openai.OpenAI) -> None:
+    """Each node requires an array of nodes: the closing narrowing must choose the empty array, not a new node."""
+    for seed in range(1, 9):
+        text, finish = answer(client, False, seed=seed, max_tokens=80, response_format=schema_format("tree", TREE, True))
+        jsonschema.validate(json.loads(text), TREE)
+        assert finish == "stop"
+
+
+def test_unique_items_never_repeat_an_item(client: openai.OpenAI) -> None:
+    """Pydantic's set[...] fields: uniqueItems over strings, enums, small integer ranges, booleans and numbers."""
+    from pydantic import BaseModel, Field
+    from typing import Literal
+
+    class Tags(BaseModel):
+        colors: set[Literal["red", "green", "blue", "cyan"]] = Field(min_length=3)
+        digits: set[int] = Field(json_schema_extra={"items": {"type": "integer", "minimum": 0, "maximum": 3}},
+                                 min_length=3)
+        words: set[str] = Field(json_schema_extra={"items": {"type": "string", "maxLength": 3}}, min_length=4)
+        flags: set[bool]
+        scores: set[float] = Field(min_length=3)
+
+    schema = Tags.model_json_schema()
+    for seed in range(1, 13):
+        text, finish = answer(client, False, seed=seed, max_tokens=160, response_format=schema_format("tags", schema,
+                                                                                                     False))
+        value = json.loads(text)
+        assert all(len({json.dumps(v) for v in value[key]}) == len(value[key]) for key in value), text
+        assert finish == "stop" and Tags.model_validate(value)
+
+
+@pytest.mark.parametrize("schema, reason", [
+    ({"type": "array", "items": {"type": "object"}, "uniqueItems": True}, "arrays of strings"),
+    ({"type": "array", "items": {"enum": ["a", "b"]}, "uniqueItems": True, "minItems": 3}, "distinct items"),
+    ({"not": {"type": "string"}}, "not"),
+    ({"type": "object", "dependentRequired": {"a": ["b"]}}, "dependentRequired"),
+])
+def test_what_cannot_be_enforced_is_refused_by_name(server: Server, schema: dict, reason: str) -> None:
+    response = server.post("/v1/chat/completions", {"model": MODEL, "messages": MESSAGES, "max_tokens": 4,
+                                                    "response_format": schema_format("x", schema, True)})
+    assert response.status_code == 400 and reason in response.json()["error"]["message"], response.text

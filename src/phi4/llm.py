@@ -49,7 +49,10 @@ class LLM:
         texts: dict[str, list[str]] = {rid: [] for rid in request_ids}
         logprobs: dict[str, list[TokenLogprob]] = {rid: [] for rid in request_ids}
         final: dict[str, RequestOutput] = {}
+        prompt_logprobs: dict[str, list[TokenLogprob | None]] = {}
         for output in self._drain(request_ids):
+            if output.prompt_logprobs is not None:
+                prompt_logprobs[output.request_id] = output.prompt_logprobs
             tokens[output.request_id].extend(output.new_token_ids)
             texts[output.request_id].append(output.new_text)
             logprobs[output.request_id].extend(output.new_logprobs)
@@ -58,7 +61,7 @@ class LLM:
         return [
             CompletionResult(
                 rid, final[rid].prompt_token_ids, tokens[rid], "".join(texts[rid]), final[rid].finish_reason or "stop",
-                logprobs[rid] or None, final[rid].error,
+                logprobs[rid] or None, final[rid].error, prompt_logprobs.get(rid),
             )
             for rid in request_ids
         ]

@@ -34,6 +34,9 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     logit_bias: dict[int, float] = field(default_factory=dict)
     logprobs: int | None = None  # None: no logprobs; k: the chosen token's and the k most likely
+    # None: none; k: each prompt token's log-probability given the tokens before it, and the k most likely
+    # there (computed in the prefill; the first token has none). Such a request skips the prefix cache.
+    prompt_logprobs: int | None = None
     grammar: str | None = None  # an llguidance grammar (phi4.structured.grammars) every token must follow
     skip_special_tokens: bool = True
 
@@ -44,8 +47,10 @@ class SamplingParams:
         if not 0 <= self.top_k <= MAX_TOP_K:
             raise InvalidRequestError(f"top_k must be 0 (off) or in [1, {MAX_TOP_K}], got {self.top_k}", "top_k")
         _check_range("min_p", self.min_p, 0.0, 1.0)
-        if self.max_tokens is not None and self.max_tokens < 1:
-            raise InvalidRequestError(f"max_tokens must be at least 1, got {self.max_tokens}", "max_tokens")
+        if self.max_tokens is not None and self.max_tokens < 0:
+            raise InvalidRequestError(f"max_tokens must not be negative, got {self.max_tokens}", "max_tokens")
+        if self.max_tokens == 0 and self.prompt_logprobs is None:
+            raise InvalidRequestError("max_tokens 0 is only for prompt log-probabilities", "max_tokens")
         _check_range("frequency_penalty", self.frequency_penalty, -2.0, 2.0)
         _check_range("presence_penalty", self.presence_penalty, -2.0, 2.0)
         if not 0.0 < self.repetition_penalty <= 2.0:
@@ -56,6 +61,9 @@ class SamplingParams:
             _check_range("logit_bias", bias, -100.0, 100.0)
         if self.logprobs is not None and not 0 <= self.logprobs <= 20:
             raise InvalidRequestError(f"top_logprobs must be in [0, 20], got {self.logprobs}", "top_logprobs")
+        if self.prompt_logprobs is not None and not 0 <= self.prompt_logprobs <= 20:
+            raise InvalidRequestError(f"prompt_logprobs must be in [0, 20], got {self.prompt_logprobs}",
+                                      "prompt_logprobs")
         if any(not s for s in self.stop):
             raise InvalidRequestError("stop strings must not be empty", "stop")
         object.__setattr__(self, "stop", tuple(self.stop))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import codecs
 import json
+from dataclasses import dataclass
 from collections.abc import Iterable, Sequence
 from datetime import datetime
 from pathlib import Path
@@ -17,6 +18,15 @@ from tokenizers import Tokenizer as HFTokenizer
 from phi4.bpe_conversion import bytes_to_unicode
 from phi4.config import read_json
 from phi4.errors import CheckpointError, InvalidRequestError
+
+
+@dataclass(frozen=True)
+class ReasoningTags:
+    """How a reasoning model (phi-4-reasoning) marks its thinking; `special` when the tags are special tokens."""
+
+    open: str = "<think>"
+    close: str = "</think>"
+    special: bool = False
 
 
 class Tokenizer:
@@ -56,6 +66,12 @@ class Tokenizer:
             template = next((t["template"] for t in template if t.get("name") == "default"), None)
         self.chat_template: str | None = template
         self._compiled_template: jinja2.Template | None = None
+        self.reasoning_tags: ReasoningTags | None = None  # a chat template with think tags: a reasoning model
+        self.shown_special_ids: frozenset[int] = frozenset()  # special tokens whose text is never skipped
+        if template is not None and "<think>" in template and "</think>" in template:
+            ids = [vocab.get(tag) for tag in ("<think>", "</think>")]
+            self.reasoning_tags = ReasoningTags(special=all(i in self.special_token_ids for i in ids))
+            self.shown_special_ids = frozenset(i for i in ids if i is not None)  # the answer is split at them
 
     # ids <-> text
 
@@ -147,7 +163,7 @@ class IncrementalDetokenizer:
 
     def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True) -> None:
         self._token_bytes = tokenizer.token_bytes
-        self._skipped = tokenizer.special_token_ids if skip_special_tokens else frozenset()
+        self._skipped = tokenizer.special_token_ids - tokenizer.shown_special_ids if skip_special_tokens else frozenset()
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
     def push(self, token_ids: Iterable[int]) -> str:

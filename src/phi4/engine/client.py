@@ -29,7 +29,7 @@ from phi4.engine.request import RequestOutput
 from phi4.engine.sampling import TokenLogprob
 from phi4.errors import RequestFailedError
 from phi4.sampling_params import SamplingParams
-from phi4.structured.grammars import GrammarSpec
+from phi4.structured.grammars import GrammarSpec, after_reasoning
 from phi4.structured.service import CompiledGrammar, GrammarService
 from phi4.tokenizer import Tokenizer
 
@@ -51,6 +51,7 @@ class EngineRequest:
     params: SamplingParams
     grammar: GrammarSpec | None = None
     checks: tuple[GrammarSpec, ...] = ()
+    reasoning: bool = False  # a reasoning model's answer: `grammar` holds after its thinking
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,7 @@ class PreparedRequest:
     prompt_token_ids: list[int]
     params: SamplingParams
     grammar: CompiledGrammar | None = None
+    thinking: bool = False  # the prompt ends with the reasoning model's open tag: its answer begins thinking
 
     def with_seed(self, seed: int | None) -> PreparedRequest:
         return dataclasses.replace(self, params=dataclasses.replace(self.params, seed=seed))
@@ -87,11 +89,18 @@ class RequestPreparer:
         self.validate(prompt, request.params)
         for check in request.checks:
             self.grammars.compile(check)
-        compiled = self.grammars.compile(request.grammar) if request.grammar is not None else None
+        tags = self.tokenizer.reasoning_tags if request.reasoning else None
+        thinking = tags is not None and self.tokenizer.decode(prompt[-8:]).rstrip().endswith(tags.open)
+        compiled = None
+        if request.grammar is not None:
+            text = request.grammar.to_grammar()
+            if tags is not None:
+                text = after_reasoning(text, tags.open, tags.close, thinking, tags.special)
+            compiled = self.grammars.compile(text, request.grammar.param)
         params = request.params
         if compiled is not None:
             params = dataclasses.replace(params, grammar=compiled.text)
-        return PreparedRequest(prompt, params, compiled)
+        return PreparedRequest(prompt, params, compiled, thinking)
 
 
 class OutputStream(Protocol):

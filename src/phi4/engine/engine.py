@@ -20,9 +20,8 @@ from phi4.engine.kv_cache import BlockManager
 from phi4.engine.output import OutputProcessor, RequestState, output
 from phi4.engine.request import RequestOutput, Sequence, SequenceStatus
 from phi4.engine.runner import ModelRunner, kv_bytes_per_block
-from phi4.engine.scheduler import Scheduler
+from phi4.engine.scheduler import ScheduledSequence, Scheduler
 from phi4.errors import ContextLengthExceededError, InvalidRequestError
-from phi4.model.attention import AttentionMetadata
 from phi4.model.loader import load_model
 from phi4.sampling_params import SamplingParams
 from phi4.structured.service import CompiledGrammar, GrammarService
@@ -179,19 +178,12 @@ class LLMEngine:
             raise RuntimeError("prompt_logits needs an idle engine")
         self.validate(prompt_ids, SamplingParams(max_tokens=1))
         seq = Sequence("prompt-logits", list(prompt_ids), SamplingParams(max_tokens=1), 0)
-        manager, runner = self.block_manager, self.runner
-        manager.reserve(seq, len(prompt_ids))
+        self.block_manager.reserve(seq, len(prompt_ids))
         try:
-            size = manager.block_size
-            positions = range(len(prompt_ids))
-            slots = [seq.block_table[p // size] * size + p % size for p in positions]
-            metadata = AttentionMetadata.build(torch.tensor(slots, device=self.device), [len(prompt_ids)],
-                                               [seq.block_table], [len(prompt_ids)], size, self.device)
-            rows = torch.tensor([runner.rope_row(seq, p) for p in positions], device=self.device)
-            hidden = self.model.forward(torch.tensor(prompt_ids, device=self.device), rows, runner.kv_caches, metadata)
-            return self.model.compute_logits(hidden)
+            batch = self.runner.prepare([ScheduledSequence(seq, len(prompt_ids))])
+            return self.model.compute_logits(self.runner.forward(batch))
         finally:
-            manager.free(seq)
+            self.block_manager.free(seq)
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
         seq = self._sequences.get(request_id)
@@ -225,11 +217,19 @@ class LLMEngine:
             return [self._end(item.seq, "error", f"the engine failed on this request's step: {exc!r}")
                     for item in scheduled]
         self.scheduler.finish_step(scheduled)
+        for seq in (item.seq for item in scheduled):
+            if seq.request_id in result.prompt_logprobs:
+                if not seq.prompt_logprobs:
+                    seq.prompt_logprobs.append(None)  # the first prompt token has nothing before it
+                seq.prompt_logprobs.extend(result.prompt_logprobs[seq.request_id])
         outputs = []
         for seq, token, logprob, error in zip(sampling, result.token_ids, result.logprobs, result.errors, strict=True):
             if error is not None:
                 logger.error("request %s failed: %s", seq.request_id, error)
                 outputs.append(self._end(seq, "error", error))
+                continue
+            if seq.params.max_tokens == 0:  # only the prompt's log-probabilities were asked for
+                outputs.append(self._end(seq, "length"))
                 continue
             seq.token_ids.append(token)
             try:
@@ -244,7 +244,7 @@ class LLMEngine:
         return outputs
 
     def _end(self, seq: Sequence, reason: str, error: str | None = None) -> RequestOutput:
-        """Finish a request early (aborted or failed): free it and say so."""
+        """Finish a request without a new token (aborted, failed, or asked for none): free it and say so."""
         self._remove(seq)
         return output(seq, [], "", [], reason, error)
 

@@ -67,6 +67,9 @@ class OutputProcessor:
 
 def output(seq: Sequence, new_tokens: list[int], new_text: str, new_logprobs: list[TokenLogprob],
            finish_reason: str | None, error: str | None = None) -> RequestOutput:
+    """The output of one step; a request's first (with a token, or its only one) carries what the prefill
+    found: the prompt log-probabilities and how much of the prompt came from the cache."""
+    first = seq.num_output_tokens <= 1 and (new_tokens or finish_reason is not None)
     return RequestOutput(
         request_id=seq.request_id,
         new_token_ids=new_tokens,
@@ -77,6 +80,8 @@ def output(seq: Sequence, new_tokens: list[int], new_text: str, new_logprobs: li
         prompt_token_ids=seq.prompt_token_ids,
         num_output_tokens=seq.num_output_tokens,
         error=error,
+        prompt_logprobs=list(seq.prompt_logprobs) if first and seq.params.prompt_logprobs is not None else None,
+        num_cached_tokens=seq.num_cached_tokens or 0,
     )
 
 

@@ -29,6 +29,9 @@ class Sequence:
     block_table: list[int] = field(default_factory=list)
     num_hashed_blocks: int = 0
     status: SequenceStatus = SequenceStatus.WAITING
+    num_cached_tokens: int | None = None  # prompt tokens found in the prefix cache when it was first admitted
+    # Entry i: token i's log-probability given tokens < i (entry 0 is None), as the prefill reaches it.
+    prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)
@@ -49,6 +52,10 @@ class Sequence:
     def finished(self) -> bool:
         return self.status is SequenceStatus.FINISHED
 
+    @property
+    def needs_prompt_logprobs(self) -> bool:
+        return self.params.prompt_logprobs is not None and len(self.prompt_logprobs) < self.num_prompt_tokens
+
 
 @dataclass(frozen=True)
 class RequestOutput:
@@ -63,6 +70,8 @@ class RequestOutput:
     prompt_token_ids: list[int]
     num_output_tokens: int
     error: str | None = None  # why this request (and only it) failed, with finish_reason "error"
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # in the request's first output, when asked
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
 
 
 @dataclass(frozen=True)
@@ -76,3 +85,4 @@ class CompletionResult:
     finish_reason: str  # "stop", "length", or "error" (then `error` says why; the other requests went on)
     logprobs: list[TokenLogprob] | None = None
     error: str | None = None
+    prompt_logprobs: list[TokenLogprob | None] | None = None

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
 
 from phi4.config import ModelConfig
 from phi4.engine.request import Sequence
-from phi4.engine.sampling import SampleResult, SamplingRow, sample_isolated
+from phi4.engine.sampling import SampleResult, SamplingRow, TokenLogprob, sample_isolated, token_logprobs
 from phi4.engine.scheduler import ScheduledSequence
 from phi4.model.attention import AttentionMetadata
 from phi4.model.phi3 import Phi3ForCausalLM
@@ -18,6 +19,24 @@ from phi4.structured.service import GrammarService
 
 if TYPE_CHECKING:
     from phi4.engine.decode_graphs import DecodeGraphs
+
+
+PROMPT_LOGPROB_ROWS = 128  # logits rows at a time: a 100k vocabulary makes each row 400 KB
+
+
+@dataclass
+class ForwardBatch:
+    """One step as a flat batch: per token its id, rotary row and cache slot; per sequence its query length,
+    block table and context length; which rows are sampled; and which rows give prompt log-probabilities."""
+
+    input_ids: list[int] = field(default_factory=list)
+    rope_rows: list[int] = field(default_factory=list)
+    slots: list[int] = field(default_factory=list)
+    query_lens: list[int] = field(default_factory=list)
+    block_tables: list[list[int]] = field(default_factory=list)
+    context_lens: list[int] = field(default_factory=list)
+    sample_rows: list[int] = field(default_factory=list)
+    prompt_rows: list[tuple[Sequence, list[int], list[int]]] = field(default_factory=list)  # (seq, rows, tokens)
 
 
 def kv_bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
@@ -66,58 +85,79 @@ class ModelRunner:
             return position + self.config.max_position_embeddings
         return position
 
-    def execute(self, scheduled: list[ScheduledSequence], constraints: list[Constraint | None]) -> SampleResult:
-        """Run one step; sample the next token of every sequence whose `samples` is true, in order, each under
-        its grammar constraint (one per sampled sequence, or None). Only a failure of the forward pass
-        raises: a row that cannot be sampled gets its error in the result."""
-        input_ids: list[int] = []
-        rope_rows: list[int] = []
-        slots: list[int] = []
-        sample_rows: list[int] = []
+    def prepare(self, scheduled: list[ScheduledSequence]) -> ForwardBatch:
+        """The step as one flat batch, built once and used by the eager path, CUDA graphs and prompt_logits."""
+        batch = ForwardBatch()
         size = self.block_size
         for item in scheduled:
             seq = item.seq
             start = seq.num_computed_tokens
             end = start + item.num_new_tokens
-            input_ids.extend(seq.token_ids[start:end])
+            offset = len(batch.input_ids)
+            batch.input_ids.extend(seq.token_ids[start:end])
             table = seq.block_table
-            slots.extend(table[position // size] * size + position % size for position in range(start, end))
+            batch.slots.extend(table[position // size] * size + position % size for position in range(start, end))
             if self.config.longrope is None:
-                rope_rows.extend(range(start, end))  # the rotary row is the position itself
+                batch.rope_rows.extend(range(start, end))  # the rotary row is the position itself
             else:
-                rope_rows.extend(self.rope_row(seq, position) for position in range(start, end))
+                batch.rope_rows.extend(self.rope_row(seq, position) for position in range(start, end))
+            batch.query_lens.append(item.num_new_tokens)
+            batch.block_tables.append(table)
+            batch.context_lens.append(end)
             if item.samples:
-                sample_rows.append(len(input_ids) - 1)
-        device = self.device
+                batch.sample_rows.append(len(batch.input_ids) - 1)
+            if seq.needs_prompt_logprobs:
+                # the logits at position p give prompt token p + 1: entries not yet computed that this chunk reaches
+                first = max(len(seq.prompt_logprobs), 1)
+                positions = range(max(first - 1, start), min(end, seq.num_prompt_tokens - 1))
+                if positions:
+                    batch.prompt_rows.append((seq, [offset + p - start for p in positions],
+                                              [seq.token_ids[p + 1] for p in positions]))
+        return batch
+
+    def forward(self, batch: ForwardBatch) -> torch.Tensor:
+        """Hidden states [T, hidden] of the batch: replayed from a CUDA graph when it is a decode step that fits."""
+        graphs, device = self.decode_graphs, self.device
+        rows = len(batch.query_lens)
+        if graphs is not None and rows <= graphs.max_batch and len(batch.input_ids) == rows:
+            return graphs.run(batch.input_ids, batch.rope_rows, batch.slots, batch.block_tables, batch.context_lens)
+        metadata = AttentionMetadata.build(torch.tensor(batch.slots, device=device), batch.query_lens,
+                                           batch.block_tables, batch.context_lens, self.block_size, device)
+        return self.model.forward(torch.tensor(batch.input_ids, device=device),
+                                  torch.tensor(batch.rope_rows, device=device), self.kv_caches, metadata)
+
+    def execute(self, scheduled: list[ScheduledSequence], constraints: list[Constraint | None]) -> SampleResult:
+        """Run one step; sample the next token of every sequence whose `samples` is true, in order, each under
+        its grammar constraint (one per sampled sequence, or None), and compute the prompt log-probabilities
+        the step reaches. Only a failure of the forward pass raises: a row that cannot be sampled gets its
+        error in the result."""
+        batch = self.prepare(scheduled)
         sampling = [item.seq for item in scheduled if item.samples]
         masks: Future[BatchMasks | None] | None = None
         if any(c is not None for c in constraints):
             masks = self._mask_worker.submit(self._grammar_masks, sampling, constraints)
-        block_tables = [item.seq.block_table for item in scheduled]
-        context_lens = [item.seq.num_computed_tokens + item.num_new_tokens for item in scheduled]
-        graphs = self.decode_graphs
-        if graphs is not None and len(scheduled) <= graphs.max_batch and len(input_ids) == len(scheduled):
-            if masks is not None and not graphs.captured(len(scheduled)):
+            graphs = self.decode_graphs
+            if graphs is not None and len(batch.input_ids) == len(scheduled) and not graphs.captured(len(scheduled)):
                 masks.result()  # let the mask thread's GPU work finish before a capture begins
-            hidden = graphs.run(input_ids, rope_rows, slots, block_tables, context_lens)
-        else:
-            metadata = AttentionMetadata.build(
-                slot_mapping=torch.tensor(slots, device=device),
-                query_lens=[item.num_new_tokens for item in scheduled],
-                block_tables=block_tables,
-                context_lens=context_lens,
-                block_size=size,
-                device=device,
-            )
-            hidden = self.model.forward(
-                torch.tensor(input_ids, device=device), torch.tensor(rope_rows, device=device), self.kv_caches,
-                metadata,
-            )
-        if not sample_rows:
-            return SampleResult([], [], [])
-        logits = self.model.compute_logits(hidden[torch.tensor(sample_rows, device=device)])
+        hidden = self.forward(batch)
+        prompt_logprobs = {seq.request_id: self._prompt_logprobs(hidden, rows, targets, seq.params.prompt_logprobs or 0)
+                           for seq, rows, targets in batch.prompt_rows}
+        if not batch.sample_rows:
+            return SampleResult([], [], [], prompt_logprobs)
+        logits = self.model.compute_logits(hidden[torch.tensor(batch.sample_rows, device=self.device)])
         rows = [SamplingRow(seq.params, seq.seed, seq.token_ids, seq.num_prompt_tokens) for seq in sampling]
-        return sample_isolated(logits, rows, masks.result() if masks is not None else None)
+        result = sample_isolated(logits, rows, masks.result() if masks is not None else None)
+        return SampleResult(result.token_ids, result.logprobs, result.errors, prompt_logprobs)
+
+    def _prompt_logprobs(self, hidden: torch.Tensor, rows: list[int], targets: list[int],
+                         top: int) -> list[TokenLogprob]:
+        """The LM head and log-softmax over a prefill chunk's rows, a bounded number of rows at a time."""
+        entries: list[TokenLogprob] = []
+        for first in range(0, len(rows), PROMPT_LOGPROB_ROWS):
+            chunk = torch.tensor(rows[first : first + PROMPT_LOGPROB_ROWS], device=self.device)
+            logits = self.model.compute_logits(hidden[chunk])
+            entries += token_logprobs(logits, targets[first : first + PROMPT_LOGPROB_ROWS], [top] * len(chunk))
+        return entries
 
     def _grammar_masks(self, sampling: list[Sequence], constraints: list[Constraint | None]) -> BatchMasks | None:
         closing = [self._tokens_left(seq) <= CLOSING_TOKENS for seq in sampling]

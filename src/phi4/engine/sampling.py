@@ -13,7 +13,7 @@ preempted and resumed. Every step is vectorised over the batch with per-row para
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -49,6 +49,7 @@ class TokenLogprob:
     token_id: int
     logprob: float
     top: list[tuple[int, float]]  # the `logprobs` most likely tokens, most likely first
+    rank: int = 1  # 1 + how many tokens were more likely
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,8 @@ class SampleResult:
     token_ids: list[int]
     logprobs: list[TokenLogprob | None]  # None for rows that did not ask for logprobs
     errors: list[str | None]  # why a row could not be sampled: that request ends with it, the others go on
+    # per request that asked: the prompt log-probabilities this step's prefill chunk reached, in order
+    prompt_logprobs: dict[str, list[TokenLogprob]] = field(default_factory=dict)
 
 
 def sample_isolated(logits: torch.Tensor, rows: list[SamplingRow], masks: BatchMasks | None = None) -> SampleResult:
@@ -216,16 +219,22 @@ def _cut_sorted(scaled: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) 
 def _logprobs(raw: torch.Tensor, token_ids: list[int], rows: list[SamplingRow]) -> list[TokenLogprob | None]:
     wanted = [i for i, row in enumerate(rows) if row.params.logprobs is not None]
     results: list[TokenLogprob | None] = [None] * len(rows)
-    if not wanted:
-        return results
-    index = torch.tensor(wanted, device=raw.device)
-    logprobs = torch.log_softmax(raw[index].float(), dim=-1)
-    chosen = logprobs.gather(1, torch.tensor([[token_ids[i]] for i in wanted], device=raw.device))[:, 0].tolist()
-    most = max(rows[i].params.logprobs or 0 for i in wanted)
-    top_values, top_ids = logprobs.topk(most, dim=-1) if most else (logprobs[:, :0], logprobs[:, :0].long())
-    top_values_l, top_ids_l = top_values.tolist(), top_ids.tolist()
-    for j, i in enumerate(wanted):
-        count = rows[i].params.logprobs or 0
-        top = list(zip(top_ids_l[j][:count], top_values_l[j][:count]))
-        results[i] = TokenLogprob(token_ids[i], chosen[j], top)
+    if wanted:
+        index = torch.tensor(wanted, device=raw.device)
+        computed = token_logprobs(raw[index], [token_ids[i] for i in wanted], [rows[i].params.logprobs or 0 for i in wanted])
+        for i, entry in zip(wanted, computed):
+            results[i] = entry
     return results
+
+
+def token_logprobs(logits: torch.Tensor, token_ids: list[int], tops: list[int]) -> list[TokenLogprob]:
+    """For each row of raw `logits`: the log-probability of its token and its `tops[row]` most likely. Prompt
+    log-probabilities come through here too, so that they equal a generated token's bit for bit."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    chosen = logprobs.gather(1, torch.tensor([[t] for t in token_ids], device=logits.device))
+    ranks = ((logprobs > chosen).sum(dim=-1) + 1).tolist()
+    most = max(tops, default=0)
+    top_values, top_ids = logprobs.topk(most, dim=-1) if most else (logprobs[:, :0], logprobs[:, :0].long())
+    top_values_l, top_ids_l, chosen_l = top_values.tolist(), top_ids.tolist(), chosen[:, 0].tolist()
+    return [TokenLogprob(token, chosen_l[j], list(zip(top_ids_l[j][:count], top_values_l[j][:count])), ranks[j])
+            for j, (token, count) in enumerate(zip(token_ids, tops))]

@@ -73,8 +73,10 @@ class Scheduler:
         # Admitting new work right after a preemption would only thrash the cache.
         while not preempted and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            if not seq.block_table:
+            if not seq.block_table and not seq.needs_prompt_logprobs:  # those are computed, not cached
                 self.block_manager.match_prefix(seq, self.cache_salt(seq))
+            if seq.num_cached_tokens is None:
+                seq.num_cached_tokens = seq.num_computed_tokens
             num_new = self._fit(seq, budget)
             if num_new == 0:
                 self._release(seq)

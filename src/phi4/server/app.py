@@ -27,7 +27,10 @@ from phi4.server.body import BodyLimits, read_model
 from phi4.server.chat import create_chat_completion
 from phi4.server.completions import create_completion, sequences
 from phi4.server.errors import APIError, as_api_error, error_response
-from phi4.server.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
+from phi4.server.protocol import (
+    ChatCompletionRequest, CompletionRequest, DetokenizeRequest, ResponsesRequest, TokenizeRequest,
+)
+from phi4.server.responses import create_response
 from phi4.server.state import Reservation, ServerState
 
 logger = logging.getLogger("phi4.server")
@@ -186,12 +189,34 @@ def create_app(loading: LoadingState, max_body_bytes: int = 8 << 20, body_timeou
     async def completions(request: Request) -> Response:
         return await generation(request, CompletionRequest, sequences, create_completion)
 
+    async def responses(request: Request) -> Response:
+        return await generation(request, ResponsesRequest, lambda body: 1, create_response)
+
+    async def stored_response(response_id: str) -> dict[str, Any]:
+        return loading.get().responses.get(response_id).body
+
+    def model_card(state: ServerState) -> dict[str, Any]:
+        return {"id": state.served_model_name, "object": "model", "created": state.created, "owned_by": "phi4",
+                "max_model_len": state.max_model_len}
+
     async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [model_card(loading.get())]}
+
+    async def model(model_id: str) -> dict[str, Any]:
         state = loading.get()
-        return {"object": "list", "data": [{
-            "id": state.served_model_name, "object": "model", "created": state.created, "owned_by": "phi4",
-            "max_model_len": state.max_model_len,
-        }]}
+        state.check_model(model_id)
+        return model_card(state)
+
+    async def tokenizer_info() -> dict[str, Any]:
+        """The tokenizer's facts, as vLLM serves them (lm-eval's remote tokenizer reads them)."""
+        state = loading.get()
+        tokenizer = state.tokenizer
+        return {"tokenizer_class": "GPT2TokenizerFast", "model_max_length": state.max_model_len,
+                "vocab_size": state.engine.vocab_size, "chat_template": tokenizer.chat_template,
+                "eos_token": tokenizer.special_tokens.get("eos_token"),
+                "bos_token": tokenizer.special_tokens.get("bos_token"),
+                "pad_token": tokenizer.special_tokens.get("pad_token"),
+                "unk_token": tokenizer.special_tokens.get("unk_token")}
 
     async def tokenize(request: Request) -> dict[str, Any]:
         state = loading.get()
@@ -220,8 +245,12 @@ def create_app(loading: LoadingState, max_body_bytes: int = 8 << 20, body_timeou
             app.add_api_route(f"{prefix}/chat/completions", chat_completions, methods=["POST"])
             app.add_api_route(f"{prefix}/completions", completions, methods=["POST"])
             app.add_api_route(f"{prefix}/models", models, methods=["GET"])
+            app.add_api_route(f"{prefix}/models/{{model_id:path}}", model, methods=["GET"])
+            app.add_api_route(f"{prefix}/responses", responses, methods=["POST"])
+            app.add_api_route(f"{prefix}/responses/{{response_id}}", stored_response, methods=["GET"])
         app.add_api_route(f"{prefix}/tokenize", tokenize, methods=["POST"])
         app.add_api_route(f"{prefix}/detokenize", detokenize, methods=["POST"])
+        app.add_api_route(f"{prefix}/tokenizer_info", tokenizer_info, methods=["GET"])
 
     @app.get("/health")
     async def health() -> Response:
@@ -233,7 +262,8 @@ def create_app(loading: LoadingState, max_body_bytes: int = 8 << 20, body_timeou
         return PlainTextResponse(loading.get().metrics.render(), media_type="text/plain; version=0.0.4")
 
     _declare_bodies(app, {"/chat/completions": ChatCompletionRequest, "/completions": CompletionRequest,
-                          "/tokenize": TokenizeRequest, "/detokenize": DetokenizeRequest})
+                          "/responses": ResponsesRequest, "/tokenize": TokenizeRequest,
+                          "/detokenize": DetokenizeRequest})
     app.add_middleware(AccessControl, loading=loading)  # type: ignore[arg-type]
     app.add_middleware(BodyLimits, max_bytes=max_body_bytes, timeout=body_timeout)  # type: ignore[arg-type]
     return app

@@ -10,9 +10,10 @@ from typing import Any
 
 from phi4.engine.client import EngineRequest
 from phi4.server import tools
+from phi4.server.answer import AnswerReader
 from phi4.server.errors import APIError, stream_error
 from phi4.server.generation import (
-    ChoiceRun, ChoiceState, chat_logprobs, choice_seed, output_grammar, sampling_params, usage,
+    ChoiceRun, ChoiceState, chat_logprobs, choice_seed, output_grammar, sampling_params, usage, vllm_prompt_logprobs,
 )
 from phi4.server.protocol import ChatCompletionRequest
 from phi4.server.state import Reservation, ServerState
@@ -37,23 +38,27 @@ def tool_call_grammar(request: ChatCompletionRequest) -> tuple[GrammarSpec | Non
     return GrammarSpec("lark", grammar, "tools"), checks
 
 
-def engine_request(state: ServerState, request: ChatCompletionRequest) -> tuple[EngineRequest, bool]:
-    """The request as the engine takes it, and whether its answers are tool calls."""
+def engine_request(state: ServerState, request: ChatCompletionRequest) -> tuple[EngineRequest, frozenset[str] | None]:
+    """The request as the engine takes it, and the functions its answers may call (None: no tool calls)."""
     if request.top_logprobs is not None and not request.logprobs:
         raise APIError(400, "top_logprobs requires logprobs to be true", param="top_logprobs")
     logprobs = (request.top_logprobs or 0) if request.logprobs else None
-    max_tokens = request.max_completion_tokens or request.max_tokens
+    max_tokens = request.max_completion_tokens if request.max_completion_tokens is not None else request.max_tokens
+    if max_tokens == 0 and request.prompt_logprobs is None:
+        raise APIError(400, "max_tokens 0 is only for prompt_logprobs", param="max_tokens")
     tool_grammar, checks = tool_call_grammar(request)
     grammar = tool_grammar or output_grammar(request)
-    params = sampling_params(request, max_tokens, logprobs, state.max_stop_sequences)
+    params = sampling_params(request, max_tokens, logprobs, state.max_stop_sequences, request.prompt_logprobs)
     messages = tools.render_messages(request.messages, request.tools)
-    return EngineRequest(messages, params, grammar, checks), tool_grammar is not None
+    reasoning = state.tokenizer.reasoning_tags is not None
+    names = frozenset(t.function.name for t in request.tools or ()) if tool_grammar is not None else None
+    return EngineRequest(messages, params, grammar, checks, reasoning), names
 
 
 async def create_chat_completion(
     state: ServerState, request: ChatCompletionRequest, reservation: Reservation
 ) -> dict[str, Any] | AsyncIterator[str]:
-    converted, with_tools = engine_request(state, request)
+    converted, tool_names = engine_request(state, request)
     prepared = await state.engine.prepare(converted)
     prompt = prepared.prompt_token_ids
     request_id = state.engine.new_request_id("chatcmpl")
@@ -62,28 +67,38 @@ async def create_chat_completion(
     reservation.release()  # the engine counts them now
     with_logprobs = converted.params.logprobs is not None
     choices = [ChoiceState(i, prompt) for i in range(request.n)]
+    readers = [AnswerReader(state.tokenizer.reasoning_tags, tool_names, prepared.thinking) for _ in choices]
     header = {"id": request_id, "created": int(time.time()), "model": state.served_model_name,
               "system_fingerprint": state.system_fingerprint}
     if request.stream:
         include_usage = bool(request.stream_options and request.stream_options.include_usage)
-        stream = _stream(state, header, run, choices, len(prompt), include_usage, with_logprobs, with_tools)
+        stream = _stream(state, header, run, choices, readers, len(prompt), include_usage, with_logprobs)
         weakref.finalize(stream, run.close)  # a client gone before the stream begins: nothing else closes it
         return stream
     async for index, output in run.outputs():
         choices[index].add(output)
     state.finish_request(request_id, len(prompt), choices, run)
+    extras = {}
+    if request.prompt_logprobs is not None and choices[0].prompt_logprobs is not None:  # vLLM's extension
+        extras["prompt_logprobs"] = vllm_prompt_logprobs(state.tokenizer, choices[0].prompt_logprobs)
     return {
         **header,
         "object": "chat.completion",
-        "choices": [_message_choice(state, c, with_logprobs, with_tools) for c in choices],
+        "choices": [_message_choice(state, c, reader, with_logprobs) for c, reader in zip(choices, readers)],
         "usage": usage(len(prompt), choices),
+        **extras,
     }
 
 
-def _message_choice(state: ServerState, choice: ChoiceState, with_logprobs: bool, with_tools: bool) -> dict[str, Any]:
-    text = "".join(choice.text)
-    calls = tools.parse_tool_calls(text) if with_tools and choice.finish_reason == "stop" else []
-    message: dict[str, Any] = {"role": "assistant", "content": None if calls else text, "refusal": None}
+def _message_choice(state: ServerState, choice: ChoiceState, reader: AnswerReader,
+                    with_logprobs: bool) -> dict[str, Any]:
+    reader.feed("".join(choice.text), final=True)
+    # calls count when the answer ended by itself, not cut at max_tokens
+    calls = reader.calls if choice.finish_reason == "stop" else []
+    content = reader.content if calls or not reader.calls else reader.answer_text  # cut short: it stays text
+    message: dict[str, Any] = {"role": "assistant", "content": content or (None if calls else ""), "refusal": None}
+    if reader.reasoning_tags is not None:
+        message["reasoning_content"] = message["reasoning"] = reader.reasoning or None
     if calls:
         message["tool_calls"] = [call.as_openai() for call in calls]
     return {"index": choice.index, "message": message,
@@ -93,7 +108,7 @@ def _message_choice(state: ServerState, choice: ChoiceState, with_logprobs: bool
 
 async def _stream(
     state: ServerState, header: dict[str, Any], run: ChoiceRun, choices: list[ChoiceState],
-    prompt_tokens: int, include_usage: bool, with_logprobs: bool, with_tools: bool,
+    readers: list[AnswerReader], prompt_tokens: int, include_usage: bool, with_logprobs: bool,
 ) -> AsyncIterator[str]:
     def chunk(choice_list: list[dict[str, Any]], **extra: Any) -> str:
         body = {**header, "object": "chat.completion.chunk", "choices": choice_list, **extra}
@@ -101,35 +116,33 @@ async def _stream(
             body["usage"] = None
         return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
+    def delta(index: int, fields: dict[str, Any], logprobs: dict[str, Any] | None = None) -> str:
+        return chunk([{"index": index, "delta": fields, "logprobs": logprobs, "finish_reason": None}])
+
     try:
         for c in choices:
-            yield chunk([{"index": c.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                          "finish_reason": None}])
-        # With tools, an answer is held back until it shows whether it is text or tool calls.
-        modes: list[str | None] = [None if with_tools else "text" for _ in choices]
-        held = [""] * len(choices)
-        streamers = [tools.ToolCallStreamer() for _ in choices]
+            yield delta(c.index, {"role": "assistant", "content": ""})
         async for index, output in run.outputs():
             choices[index].add(output)
-            piece = output.new_text
-            if modes[index] is None:
-                held[index] += piece
-                decided = tools.ToolCallStreamer(text=held[index]).is_tool_call()
-                if decided is None and not output.finished:
-                    continue
-                modes[index] = "tools" if decided else "text"
-                piece, held[index] = held[index], ""
-            if modes[index] == "tools":
-                for delta in streamers[index].feed(piece, final=output.finished):
-                    yield chunk([{"index": index, "delta": {"tool_calls": [delta]}, "logprobs": None,
-                                  "finish_reason": None}])
-            else:
-                logprobs = chat_logprobs(state.tokenizer, output.new_logprobs) if with_logprobs else None
-                if piece or (logprobs and logprobs["content"]):
-                    yield chunk([{"index": index, "delta": {"content": piece}, "logprobs": logprobs,
-                                  "finish_reason": None}])
+            logprobs = chat_logprobs(state.tokenizer, output.new_logprobs) if with_logprobs else None
+            for event in readers[index].feed(output.new_text, final=output.finished):
+                if event.kind == "reasoning":
+                    yield delta(index, {"reasoning_content": event.text, "reasoning": event.text})
+                elif event.kind == "content":
+                    yield delta(index, {"content": event.text}, logprobs)
+                    logprobs = None
+                elif event.kind == "call":
+                    call = event.call
+                    assert call is not None
+                    yield delta(index, {"tool_calls": [{"index": event.index, "id": call.id, "type": "function",
+                                                        "function": {"name": call.name, "arguments": ""}}]})
+                else:
+                    yield delta(index, {"tool_calls": [{"index": event.index,
+                                                        "function": {"arguments": event.text}}]})
+            if logprobs and logprobs["content"]:  # tokens whose text is held back still report their logprobs
+                yield delta(index, {"content": ""}, logprobs)
             if output.finished:
-                called = modes[index] == "tools" and bool(streamers[index].calls) and output.finish_reason == "stop"
+                called = bool(readers[index].calls) and output.finish_reason == "stop"
                 yield chunk([{"index": index, "delta": {}, "logprobs": None,
                               "finish_reason": "tool_calls" if called else output.finish_reason}])
         if include_usage:

@@ -37,7 +37,7 @@ def output_grammar(request: SamplingFields) -> GrammarSpec | None:
 
 
 def sampling_params(request: SamplingFields, max_tokens: int | None, logprobs: int | None,
-                    max_stop_sequences: int) -> SamplingParams:
+                    max_stop_sequences: int, prompt_logprobs: int | None = None) -> SamplingParams:
     stops = tuple(request.stop or ())
     if len(stops) > max_stop_sequences:
         raise InvalidRequestError(f"at most {max_stop_sequences} stop sequences are allowed (this server's "
@@ -55,6 +55,7 @@ def sampling_params(request: SamplingFields, max_tokens: int | None, logprobs: i
         repetition_penalty=float(request.repetition_penalty or 1.0),
         logit_bias={int(k): float(v) for k, v in (request.logit_bias or {}).items()},
         logprobs=logprobs,
+        prompt_logprobs=prompt_logprobs,
         ignore_eos=request.ignore_eos,
     )
 
@@ -72,11 +73,16 @@ class ChoiceState:
     text: list[str] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: str | None = None
+    prompt_logprobs: list[TokenLogprob | None] | None = None
+    cached_tokens: int = 0
 
     def add(self, output: RequestOutput) -> None:
         self.token_ids.extend(output.new_token_ids)
         self.text.append(output.new_text)
         self.logprobs.extend(output.new_logprobs)
+        if output.prompt_logprobs is not None:
+            self.prompt_logprobs = output.prompt_logprobs
+        self.cached_tokens = output.num_cached_tokens
         if output.finished:
             self.finish_reason = output.finish_reason
 
@@ -154,9 +160,30 @@ class ChoiceRun:
         self.last_token_at = now
 
 
-def usage(prompt_tokens: int, choices: list[ChoiceState]) -> dict[str, int]:
+def usage(prompt_tokens: int, choices: list[ChoiceState], prompts: int = 1) -> dict[str, Any]:
+    """OpenAI's usage; `cached_tokens` counts each prompt once (its first choice), as the prompt tokens do."""
     completion = sum(len(c.token_ids) for c in choices)
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion}
+    per_prompt = max(1, len(choices) // prompts)
+    cached = sum(c.cached_tokens for c in choices[::per_prompt])
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion,
+            "prompt_tokens_details": {"cached_tokens": cached}}
+
+
+def vllm_prompt_logprobs(tokenizer: Tokenizer, entries: list[TokenLogprob | None]) -> list[dict[str, Any] | None]:
+    """vLLM's `prompt_logprobs`: per prompt token (the first None) its own and the most likely tokens there,
+    keyed by token id, each with its log-probability, rank and text."""
+    def item(token_id: int, logprob: float, rank: int) -> dict[str, Any]:
+        return {"logprob": logprob, "rank": rank, "decoded_token": token_text(tokenizer, token_id)}
+
+    rendered: list[dict[str, Any] | None] = []
+    for entry in entries:
+        if entry is None:
+            rendered.append(None)
+            continue
+        top = {str(t): item(t, lp, rank) for rank, (t, lp) in enumerate(entry.top, start=1)}
+        top[str(entry.token_id)] = item(entry.token_id, entry.logprob, entry.rank)
+        rendered.append(top)
+    return rendered
 
 
 def token_text(tokenizer: Tokenizer, token_id: int) -> str:
@@ -172,12 +199,26 @@ def chat_logprobs(tokenizer: Tokenizer, entries: list[TokenLogprob]) -> dict[str
                         for e in entries]}
 
 
-def completion_logprobs(tokenizer: Tokenizer, entries: list[TokenLogprob], text_start: int) -> dict[str, Any]:
-    tokens, offsets, offset = [], [], text_start
-    for e in entries:
-        tokens.append(token_text(tokenizer, e.token_id))
+def completion_logprobs(tokenizer: Tokenizer, entries: list[TokenLogprob], text_start: int,
+                        prompt: list[int] | None = None,
+                        prompt_entries: list[TokenLogprob | None] | None = None) -> dict[str, Any]:
+    """The legacy logprobs object; with echo, the prompt's tokens come first (the very first without a
+    log-probability), as vLLM and the original API return them."""
+    tokens: list[str] = []
+    token_logprobs: list[float | None] = []
+    top_logprobs: list[dict[str, float] | None] = []
+    offsets: list[int] = []
+    offset = 0 if prompt is not None else text_start
+    for token_id, entry in zip(prompt or [], prompt_entries or []):
+        tokens.append(token_text(tokenizer, token_id))
+        token_logprobs.append(None if entry is None else entry.logprob)
+        top_logprobs.append(None if entry is None else {token_text(tokenizer, t): lp for t, lp in entry.top})
         offsets.append(offset)
         offset += len(tokens[-1])
-    return {"tokens": tokens, "token_logprobs": [e.logprob for e in entries],
-            "top_logprobs": [{token_text(tokenizer, t): lp for t, lp in e.top} for e in entries],
-            "text_offset": offsets}
+    for e in entries:
+        tokens.append(token_text(tokenizer, e.token_id))
+        token_logprobs.append(e.logprob)
+        top_logprobs.append({token_text(tokenizer, t): lp for t, lp in e.top})
+        offsets.append(offset)
+        offset += len(tokens[-1])
+    return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs, "text_offset": offsets}

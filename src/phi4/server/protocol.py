@@ -102,7 +102,7 @@ class SamplingFields(_Body):
     model: StrictStr
     temperature: Number | None = Field(default=None, ge=0, le=2)  # below 1e-5: greedy
     top_p: Number | None = Field(default=None, gt=0, le=1)
-    max_tokens: StrictInt | None = Field(default=None, ge=1, le=MAX_TOKENS)
+    max_tokens: StrictInt | None = Field(default=None, ge=0, le=MAX_TOKENS)  # 0: prompt log-probabilities only
     stop: Union[StrictStr, list[StrictStr], None] = None  # as many as the server's --max-stop-sequences
     seed: StrictInt | None = Field(default=None, ge=-(2**63), lt=2**64)
     frequency_penalty: Number | None = Field(default=None, ge=-2, le=2)
@@ -119,6 +119,7 @@ class SamplingFields(_Body):
     min_p: Number | None = Field(default=None, ge=0, le=1)
     repetition_penalty: Number | None = Field(default=None, gt=0, le=2)
     ignore_eos: StrictBool = False
+    prompt_logprobs: StrictInt | None = Field(default=None, ge=0, le=20)
 
     @field_validator("stop")
     @classmethod
@@ -166,3 +167,67 @@ class TokenizeRequest(_Body):
 class DetokenizeRequest(_Body):
     model: StrictStr | None = None
     tokens: list[StrictInt]
+
+
+# The Responses API (POST /v1/responses), function tools only.
+
+
+class ResponseContentPart(_Body):
+    type: Literal["input_text", "output_text", "text", "reasoning_text", "summary_text", "refusal"]
+    text: StrictStr = ""
+
+
+class ResponseInputItem(_Body):
+    type: Literal["message", "function_call", "function_call_output", "reasoning"] = "message"
+    role: Literal["user", "assistant", "system", "developer"] | None = None
+    content: Union[StrictStr, list[ResponseContentPart], None] = None
+    call_id: StrictStr | None = None
+    name: StrictStr | None = None
+    arguments: StrictStr | None = None
+    output: Union[StrictStr, list[ResponseContentPart], None] = None
+    id: StrictStr | None = None
+    status: StrictStr | None = None
+
+
+class ResponseFunctionTool(_Body):
+    type: StrictStr  # "function" is the only kind served; others are refused by name
+    name: StrictStr | None = Field(default=None, pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: StrictStr | None = None
+    parameters: dict[str, Any] | None = None
+    strict: StrictBool | None = None
+
+
+class ResponseToolChoiceFunction(_Body):
+    type: Literal["function"]
+    name: StrictStr
+
+
+class ResponseTextFormat(_Body):
+    type: Literal["text", "json_object", "json_schema"]
+    name: StrictStr | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: StrictBool | None = None
+    description: StrictStr | None = None
+
+
+class ResponseTextConfig(_Body):
+    format: ResponseTextFormat | None = None
+
+
+class ResponsesRequest(_Body):
+    model: StrictStr
+    input: Union[StrictStr, list[ResponseInputItem]]
+    instructions: StrictStr | None = None
+    tools: list[ResponseFunctionTool] | None = None
+    tool_choice: Union[Literal["none", "auto", "required"], ResponseToolChoiceFunction, None] = None
+    parallel_tool_calls: StrictBool | None = None
+    text: ResponseTextConfig | None = None
+    max_output_tokens: StrictInt | None = Field(default=None, ge=1, le=MAX_TOKENS)
+    temperature: Number | None = Field(default=None, ge=0, le=2)
+    top_p: Number | None = Field(default=None, gt=0, le=1)
+    seed: StrictInt | None = Field(default=None, ge=-(2**63), lt=2**64)  # an extension, as in vLLM
+    stream: StrictBool = False
+    previous_response_id: StrictStr | None = None
+    store: StrictBool = True
+    metadata: dict[str, StrictStr] | None = None
+    user: StrictStr | None = None

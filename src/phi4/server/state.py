@@ -6,11 +6,15 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from phi4 import __version__
 from phi4.engine.client import EngineClient
 from phi4.server.errors import APIError
 from phi4.server.generation import ChoiceRun, ChoiceState
+
+if TYPE_CHECKING:
+    from phi4.server.responses import ResponseStore
 from phi4.server.metrics import Metrics
 from phi4.tokenizer import Tokenizer
 
@@ -67,6 +71,7 @@ class ServerState:
     created: int = field(default_factory=lambda: int(time.time()))
     metrics: Metrics = field(init=False)
     admission: Admission = field(init=False)
+    responses: ResponseStore = field(default_factory=lambda: _response_store())
 
     def __post_init__(self) -> None:
         stats = self.engine.stats
@@ -104,3 +109,9 @@ class ServerState:
         self.metrics.count_tokens(prompt_tokens, generated)
         logger.info("%s prompt_tokens=%d completion_tokens=%d latency=%.3fs finish=%s", request_id, prompt_tokens,
                     generated, time.perf_counter() - run.started, ",".join(str(c.finish_reason) for c in choices))
+
+
+def _response_store() -> ResponseStore:
+    from phi4.server.responses import ResponseStore  # responses builds on chat, which needs this module
+
+    return ResponseStore()

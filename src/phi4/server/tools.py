@@ -22,6 +22,7 @@ from typing import Any
 from phi4.errors import InvalidRequestError
 from phi4.server.protocol import ChatMessage, NamedToolChoice, Tool
 from phi4.structured.grammars import COMPACT_JSON
+from phi4.structured.unique import strip_unique_items
 
 CALL_OPEN = "<tool_call>"
 CALL_CLOSE = "</tool_call>"
@@ -86,7 +87,9 @@ def tool_grammar(
         chosen = tools
     rules = []
     for index, tool in enumerate(chosen):
-        schema = dict(tool.function.parameters or {"type": "object"})
+        # uniqueItems is not held inside a call's arguments: the grammar cannot, and the tracker follows only
+        # a response format's JSON (README: how JSON Schema keywords are held)
+        schema = strip_unique_items(dict(tool.function.parameters or {"type": "object"}))
         schema.setdefault("x-guidance", COMPACT_JSON)
         rules.append(f"call_{index}: {_lark_literal(call_prefix(tool.function.name))} args_{index} "
                      f"{_lark_literal(ARGUMENTS_END)}")
@@ -108,14 +111,19 @@ class ParsedToolCall:
         return {"id": self.id, "type": "function", "function": {"name": self.name, "arguments": self.arguments}}
 
 
-def parse_tool_calls(text: str) -> list[ParsedToolCall]:
-    """The calls in a completed answer (empty when it is plain text)."""
-    calls = []
-    for line in text.split("\n"):
-        if line.startswith(CALL_OPEN) and line.endswith(CALL_CLOSE):
-            body = json.loads(line[len(CALL_OPEN) : -len(CALL_CLOSE)])
-            calls.append(ParsedToolCall(body["name"], json.dumps(body["arguments"], ensure_ascii=False)))
-    return calls
+def parse_call_line(line: str, names: frozenset[str]) -> ParsedToolCall | None:
+    """A line `<tool_call>{"name": ..., "arguments": {...}}</tool_call>` naming a declared function, or None:
+    a line that is not a valid call stays text."""
+    line = line.strip()
+    if not (line.startswith(CALL_OPEN) and line.endswith(CALL_CLOSE)):
+        return None
+    try:
+        body = json.loads(line[len(CALL_OPEN) : -len(CALL_CLOSE)])
+    except ValueError:
+        return None
+    if not isinstance(body, dict) or body.get("name") not in names or not isinstance(body.get("arguments"), dict):
+        return None
+    return ParsedToolCall(body["name"], json.dumps(body["arguments"], ensure_ascii=False))
 
 
 @dataclass

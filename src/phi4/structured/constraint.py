@@ -3,10 +3,12 @@
 A model can ramble inside a JSON string or number for as long as it likes, and a model with random
 weights always does: the output would hit its token budget half-written. So when few tokens are left
 (`CLOSING_TOKENS`), the mask narrows, among what the grammar allows, to the first non-empty tier of
-tokens that close what is open (`"`, `}`, `]`), separate (`,`, `:`), end an address part (`@`, `.`) or
-are short values (one digit, `true`, `false`, `null`), in an order that depends on whether the grammar
-is inside free text; only when none is allowed, to all it allows. The grammar still decides what is valid; the narrowing
-only chooses the shortest way out, so a request that claims a format gets it, complete.
+tokens that close what is open (`"`, `}`, `]`), separate (`,`, `:`), end an address part (`@`, `.`), are
+empty values that open nothing (`[]`, `{}`, `""`: without them a recursive schema nests deeper at every
+required array), or are short values (one digit, `true`, `false`, `null`), in an order that depends on
+whether the grammar is inside free text; only when none is allowed, to all it allows. The grammar still
+decides what is valid; the narrowing only chooses the shortest way out, so a request that claims a
+format gets it, complete.
 """
 
 from __future__ import annotations
@@ -15,7 +17,10 @@ import re
 from dataclasses import dataclass, field
 
 import llguidance
+import numpy as np
 import torch
+
+from phi4.structured.unique import UniqueItems
 
 CLOSING_TOKENS = 48
 _PATTERNS = {
@@ -24,13 +29,17 @@ _PATTERNS = {
     "close": re.compile(r"^[\]}>]+\Z"),  # `>` ends a tag such as </tool_call>
     "close_spaced": re.compile(r"^\s*[\]}]+\s*\Z"),
     "separator": re.compile(r"^\s*[,:]\s*\Z"),
+    # an empty array, object or string, and whatever closes after it: a value that opens nothing
+    "empty": re.compile(r'^\s*(?:\[\]|\{\}|"")[\]},]*\s*\Z'),
     "joiner": re.compile(r"^[@.]\Z"),  # ends the open part of an e-mail address or a host name
     "short_value": re.compile(r"^\s*(?:[0-9]|true|false|null)\s*\Z"),
 }
 # Inside free text `}` is just a character, so there the quote comes first; outside it, closing brackets.
 # Ending the output (EOS, once the grammar accepts) beats everything.
-_IN_TEXT_ORDER = ("end", "quote_and_close", "quote", "joiner", "close", "close_spaced", "separator", "short_value")
-_STRUCTURE_ORDER = ("end", "quote_and_close", "close", "close_spaced", "separator", "short_value", "quote", "joiner")
+_IN_TEXT_ORDER = ("end", "quote_and_close", "quote", "joiner", "close", "close_spaced", "separator", "empty",
+                  "short_value")
+_STRUCTURE_ORDER = ("end", "quote_and_close", "close", "close_spaced", "separator", "empty", "short_value", "quote",
+                    "joiner")
 
 
 class GrammarError(RuntimeError):
@@ -39,20 +48,43 @@ class GrammarError(RuntimeError):
 
 @dataclass
 class Constraint:
-    """One sequence's position in its grammar (a copy of the compiled matcher: see GrammarService)."""
+    """One sequence's position in its grammar (a copy of the compiled matcher: see GrammarService), and
+    the tracker of `uniqueItems` arrays when its JSON schema has any."""
 
     matcher: llguidance.LLMatcher
+    unique: UniqueItems | None = None
     finished: bool = field(default=False)
 
     def fill(self, bitmask_row: torch.Tensor) -> None:
         self.matcher.unsafe_compute_mask_ptr(bitmask_row.data_ptr(), bitmask_row.numel() * 4)
         if self.matcher.is_error():
             raise GrammarError(f"the grammar failed: {self.matcher.get_error()}")
+        if self.unique is not None and (banned := self.unique.banned(self._extendable)):
+            ids = np.fromiter(banned, dtype=np.int64)
+            cleared = np.zeros(bitmask_row.numel(), dtype=np.uint32)
+            np.bitwise_or.at(cleared, ids >> 5, np.left_shift(np.uint32(1), (ids & 31).astype(np.uint32)))
+            row = bitmask_row.numpy().view(np.uint32)
+            row &= ~cleared
+
+    def _extendable(self, token: int) -> bool:
+        """Whether, after `token`, the grammar allows something other than a closing quote (a lookahead on a copy
+        of the matcher, for uniqueItems)."""
+        ahead = self.matcher.deep_copy()
+        if not ahead.consume_token(token):
+            return True  # the grammar refuses it anyway
+        assert self.unique is not None
+        allowed = np.frombuffer(ahead.compute_bitmask(), dtype=np.uint32).copy()
+        closing = self.unique.tokens.closing_quote
+        words = min(len(allowed), len(closing))
+        allowed[:words] &= ~closing[:words]
+        return bool(allowed.any())
 
     def consume(self, token: int) -> None:
         """Advance past the sampled token; the grammar is done once it accepts nothing more."""
         if not self.matcher.consume_token(token):
             raise GrammarError(f"the grammar refused token {token}: {self.matcher.get_error()}")
+        if self.unique is not None:
+            self.unique.advance(token)
         self.finished = self.matcher.is_stopped()
 
 

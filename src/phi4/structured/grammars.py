@@ -48,6 +48,23 @@ class GrammarSpec:
         raise ValueError(f"unknown grammar kind {self.kind!r}")
 
 
+def after_reasoning(grammar: str, open_tag: str, close_tag: str, thinking: bool, special: bool) -> str:
+    """`grammar` for the answer of a reasoning model: free thinking between the tags comes first (optional
+    unless the prompt already opened it), then whitespace, then the answer under `grammar`."""
+    top = json.loads(grammar)
+    answer, *others = top["grammars"]
+    answer = {**answer, "name": "answer"}
+    if special:  # special tokens are lexemes of their own: free text cannot swallow the closing tag
+        thought = f"THOUGHT {close_tag}"
+        lark = (f"start: {thought} WS @answer" if thinking else f"start: ({open_tag} {thought} WS)? @answer")
+        lark += "\nTHOUGHT: /(.|\\n)*/"
+    else:  # plain text: a lazy lexeme ends at the first closing tag
+        lark = "start: thought WS @answer" if thinking else f"start: ({json.dumps(open_tag)} thought WS)? @answer"
+        lark += f"\nthought[lazy]: /(.|\\n)*{re.escape(close_tag).replace('/', chr(92) + '/')}/"
+    lark += "\nWS: /[ \\t\\r\\n]{0,4}/"  # bounded: blank lines cannot pad the budget away
+    return json.dumps({"grammars": [{"lark_grammar": lark}, answer, *others]})
+
+
 def json_schema_grammar(schema: dict[str, Any] | bool, param: str = "response_format") -> str:
     if not isinstance(schema, (dict, bool)):
         raise InvalidRequestError("a JSON schema must be an object (or true/false)", param)

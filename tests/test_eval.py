@@ -1,25 +1,28 @@
-"""`phi4 eval`: extraction and scoring on the benchmarks' public formats, a scripted endpoint that is always
-right (100%) or always wrong (0%), resumption, the code sandbox against hostile programs, and an
-end-to-end run against `phi4 serve --model demo`."""
+"""`phi4 eval`: data formats and their errors, simple-evals' extraction per benchmark, GPQA's shuffles per
+repeat, a scripted endpoint that is always right (100%) or always wrong (0%), HumanEval oracle and wrong
+answers through the sandbox, trusted resume (settings header, torn lines), per-sample errors, one-line
+endpoint errors, and an end-to-end run against `phi4 serve --model demo`. (The sandbox's hostile programs
+are in test_sandbox.py, the MATH grader's pairs in test_math_grader.py.)"""
 
 from __future__ import annotations
 
 import asyncio
 import csv
 import json
-import os
-import socket
-import subprocess
+import random
 import time
 from pathlib import Path
+from typing import Any
 
+import httpx
 import pytest
 
 from phi4.cli import main as cli_main
-from phi4.eval.math_equivalence import answers_match, last_boxed
+from phi4.eval.endpoint import EndpointError, OpenAIChatEndpoint, RequestFailed
+from phi4.eval.multichoice import extract_choice
+from phi4.eval.results import ResultsFile, ResumeMismatch, RunSettings
 from phi4.eval.runner import evaluate, pass_at_k
-from phi4.eval.sandbox import SandboxLimits, run_python
-from phi4.eval.tasks import TASKS, Sample, extract_choice, extract_code
+from phi4.eval.tasks import TASKS, DataError, Sample, extract_code
 
 MMLU_ROWS = [
     ["Find the degree of Q(sqrt(2)) over Q.", "0", "2", "4", "6", "B"],
@@ -65,7 +68,8 @@ class ScriptedEndpoint:
         self.answer = answer
         self.calls = 0
 
-    async def complete(self, messages: list[dict[str, str]], temperature: float, max_tokens: int) -> str:
+    async def complete(self, messages: list[dict[str, str]], *, temperature: float, max_tokens: int,
+                       seed: int | None = None) -> str:
         self.calls += 1
         return self.answer[messages[-1]["content"]]
 
@@ -77,7 +81,8 @@ def correct_response(task: str, sample: Sample) -> str:
         return f"Working...\nAnswer: {sample.reference}"
     problem = sample.reference
     signature = problem["prompt"][problem["prompt"].index(f"def {problem['entry_point']}"):].split("\n")[0]
-    return f"Here you go:\n```python\n{signature}\n{problem['canonical_solution']}```"
+    body = problem["canonical_solution"].lstrip()  # a few start with blank lines; a model's answer would not
+    return f"Here you go:\n```python\n{signature}\n    {body}```"
 
 
 def wrong_response(task: str, sample: Sample) -> str:
@@ -88,9 +93,9 @@ def wrong_response(task: str, sample: Sample) -> str:
     return "```python\ndef nothing():\n    return None\n```"
 
 
-def load(task: str, data: dict[str, Path]) -> list[Sample]:
-    samples = TASKS[task].load(data.get(task))
-    return samples[:6] if task == "humaneval" else samples
+def load(task: str, data: dict[str, Path], repeats: int = 1) -> list[Sample]:
+    questions = TASKS[task].load(data.get(task)).samples
+    return TASKS[task].expand(questions[:6] if task == "humaneval" else questions, repeats, None)
 
 
 @pytest.mark.parametrize("task", ["mmlu", "gpqa", "math", "humaneval"])
@@ -104,38 +109,56 @@ def test_an_always_right_endpoint_scores_100_and_an_always_wrong_one_0(task: str
 
 
 def test_mmlu_prompt_and_extraction_follow_simple_evals(data: dict[str, Path]) -> None:
-    sample = TASKS["mmlu"].load(data["mmlu"])[0]
+    sample = load("mmlu", data)[0]
     assert sample.prompt.startswith("Answer the following multiple choice question.")
     assert sample.prompt.endswith("A) 0\nB) 2\nC) 4\nD) 6") and sample.id == "abstract_algebra/0"
-    assert extract_choice("blah\nAnswer: C") == "C"
-    assert extract_choice("answer:$B$") == "B"
-    assert extract_choice("**Answer:** D") == "D"
-    assert extract_choice("I think it is B") is None
+    assert extract_choice("mmlu", "blah\nAnswer: C") == "C"
+    assert extract_choice("mmlu", "answer:$B$") == "B"
+    assert extract_choice("mmlu", "**Answer:** D") == "D"
+    assert extract_choice("mmlu", "Answer: \\boxed{B}") == "B" and extract_choice("mmlu", "Answer: \\text{B}") == "B"
+    assert extract_choice("mmlu", "答案：Ｃ") == "C"
+    assert extract_choice("mmlu", "I think it is B") is None
 
 
-def test_gpqa_choices_are_shuffled_with_a_fixed_seed(data: dict[str, Path]) -> None:
-    first, second = TASKS["gpqa"].load(data["gpqa"]), TASKS["gpqa"].load(data["gpqa"])
-    assert [s.prompt for s in first] == [s.prompt for s in second]
+@pytest.mark.parametrize(("bench", "reply", "credited"), [
+    ("mmlu", "The answer: **b**ecause B is right", False),  # no upper-casing: 'b' is not B
+    ("mmlu", "answer: b", False),
+    ("gpqa", "answer: b", False),
+    ("mmlu", "Answer: \\boxed{B}", True),
+    ("gpqa", "Answer: \\boxed{B}", False),  # GPQA: simple-evals' plain pattern on the raw reply
+    ("mmlu", "**Answer:** B", True),
+    ("gpqa", "**Answer:** B", False),
+    ("gpqa", "**Answer: B**", True),
+    ("gpqa", "Answer: $B$", True),
+])
+def test_multiple_choice_credit_matches_simple_evals(bench: str, reply: str, credited: bool) -> None:
+    assert (extract_choice(bench, reply) == "B") is credited
+
+
+def test_lenient_extraction_is_opt_in_and_accepts_more_forms() -> None:
+    for reply in ("The answer is (B).", "**Answer:** B", "I pick\n**B**", "Answer: \\boxed{B}"):
+        assert extract_choice("gpqa", reply, "lenient") == "B"
+    assert extract_choice("gpqa", "the answer is a tricky one", "lenient") is None
+    with pytest.raises(ValueError, match="unknown extraction"):
+        extract_choice("mmlu", "Answer: B", "loose")
+
+
+def test_gpqa_shuffles_as_simple_evals_with_a_new_order_per_repeat(data: dict[str, Path]) -> None:
+    first, second = load("gpqa", data, repeats=3), load("gpqa", data, repeats=3)
+    assert [s.prompt for s in first] == [s.prompt for s in second] and len(first) == 3 * len(GPQA_ROWS)
     assert len({s.reference for s in first}) > 1, "the right answer is not always in the same place"
-    for sample, row in zip(first, GPQA_ROWS):
-        letter = sample.reference
-        assert f"{letter}) {row['Correct Answer']}" in sample.prompt
-
-
-def test_math_answers_are_compared_by_normalisation_and_symbolically() -> None:
-    assert last_boxed("so $\\boxed{\\frac{1}{\\sqrt{2}}}$.") == "\\frac{1}{\\sqrt{2}}"
-    for a, b in [("\\frac{1}{2}", "0.5"), ("\\dfrac12", "1/2"), ("x = 3", "3"), ("\\left( 1, 2 \\right)", "(1,2)"),
-                 ("10\\%", "10"), ("90^\\circ", "90"), ("2\\sqrt{2}", "\\sqrt{8}"), ("\\text{(B)}", "B"),
-                 ("\\$5", "5"), ("\\frac{\\pi}{2}", "\\pi/2")]:
-        assert answers_match(a, b), (a, b)
-    for a, b in [("4", "5"), ("(1,2)", "(2,1)"), ("\\sqrt{2}", "2")]:
-        assert not answers_match(a, b), (a, b)
-    # Model output is never evaluated as Python, and no huge computation is attempted.
-    assert not answers_match("__import__('os').system('touch /tmp/phi4-pwned')", "0")
-    assert not os.path.exists("/tmp/phi4-pwned")
-    for tower in ("2^(10^10)", "2^10^10", "((9^999)^999)^999"):
-        assert not answers_match(tower, "1")
-    assert answers_match("x^2+2x+1", "(x+1)^2") and answers_match("9^99", "3^198")
+    rng = random.Random(0)  # simple-evals: examples * n_repeats, then one permutation each from the same rng
+    for sample, row in zip(first, GPQA_ROWS * 3):
+        order = rng.sample(range(4), 4)
+        assert sample.reference == "ABCD"[order.index(0)] and sample.id == row["Record ID"]
+        assert f"{sample.reference}) {row['Correct Answer']}" in sample.prompt
+    by_question: dict[str, set[str]] = {}
+    for sample in first:
+        by_question.setdefault(sample.id, set()).add(sample.prompt)
+    assert any(len(prompts) > 1 for prompts in by_question.values()), "repeats see other orders"
+    subset = TASKS["gpqa"].expand(TASKS["gpqa"].load(data["gpqa"]).samples, 1, 2)
+    expected = {row["Record ID"] for row in random.Random(0).sample(GPQA_ROWS, 2)}
+    assert len(subset) == 2 and {s.id for s in subset} == expected
 
 
 def test_humaneval_extraction_and_pass_at_k() -> None:
@@ -147,34 +170,163 @@ def test_humaneval_extraction_and_pass_at_k() -> None:
 
 
 def test_humaneval_repeats_give_pass_at_k() -> None:
-    samples = TASKS["humaneval"].load(None)[:2]
+    samples = TASKS["humaneval"].expand(TASKS["humaneval"].load(None).samples[:2], 3, None)
+    first = samples[0]
     calls: dict[str, int] = {}
 
     class FirstTryOnlyOnTheFirstProblem:
-        async def complete(self, messages, temperature, max_tokens):  # type: ignore[no-untyped-def]
+        async def complete(self, messages, *, temperature, max_tokens, seed=None):  # type: ignore[no-untyped-def]
             prompt = messages[-1]["content"]
             calls[prompt] = calls.get(prompt, 0) + 1
-            if prompt == samples[0].prompt and calls[prompt] == 1:
-                return correct_response("humaneval", samples[0])
-            return wrong_response("humaneval", samples[0])
+            if prompt == first.prompt and calls[prompt] == 1:
+                return correct_response("humaneval", first)
+            return wrong_response("humaneval", first)
 
-    summary = asyncio.run(evaluate(TASKS["humaneval"], FirstTryOnlyOnTheFirstProblem(), samples, repeats=3,
-                                   concurrency=1, progress=False))
+    summary = asyncio.run(evaluate(TASKS["humaneval"], FirstTryOnlyOnTheFirstProblem(), samples, concurrency=1,
+                                   progress=False))
     assert summary.pass_at_k[1] == pytest.approx(100 * (1 / 3) / 2)  # 1 of 3 on one problem, 0 on the other
     assert summary.pass_at_k[3] == pytest.approx(50.0)
 
 
-def test_results_are_written_as_they_come_and_a_rerun_resumes(data: dict[str, Path], tmp_path: Path) -> None:
-    samples = TASKS["mmlu"].load(data["mmlu"])
+def settings(**changes: Any) -> RunSettings:
+    base = {"benchmark": "mmlu", "model": "m", "temperature": 0.5, "max_tokens": 1024, "repeats": 1, "limit": None,
+            "seed": None, "extraction": "simple-evals", "timeout_seconds": 3.0, "data_sha256": "abc"}
+    return RunSettings(**(base | changes))
+
+
+def run_with_results(samples: list[Sample], endpoint: Any, path: Path, run_settings: RunSettings,
+                     fresh: bool = False) -> Any:
+    results = ResultsFile.open(path, run_settings, fresh)
+    try:
+        return asyncio.run(evaluate(TASKS["mmlu"], endpoint, samples, results=results, progress=False))
+    finally:
+        results.close()
+
+
+def test_results_start_with_the_settings_and_a_rerun_resumes_past_a_torn_line(
+    data: dict[str, Path], tmp_path: Path
+) -> None:
+    samples = load("mmlu", data)
     output = tmp_path / "results.jsonl"
     right = {s.prompt: correct_response("mmlu", s) for s in samples}
-    asyncio.run(evaluate(TASKS["mmlu"], ScriptedEndpoint(right), samples[:2], output=output, progress=False))
-    assert len(output.read_text().splitlines()) == 2
+    run_with_results(samples[:2], ScriptedEndpoint(right), output, settings())
+    lines = output.read_text().splitlines()
+    assert json.loads(lines[0]) == {"type": "header", "format": "phi4-eval/1", **settings().__dict__}
+    assert len(lines) == 3
     with output.open("a") as handle:
         handle.write('{"id": "abstract_algebra/2", "rep')  # a line cut short by a crash
     endpoint = ScriptedEndpoint(right)
-    summary = asyncio.run(evaluate(TASKS["mmlu"], endpoint, samples, output=output, progress=False))
-    assert endpoint.calls == 2 and summary.score == 100.0
+    summary = run_with_results(samples, endpoint, output, settings())
+    assert endpoint.calls == 2 and summary.score == 100.0 and summary.num_samples == 4
+    records = [json.loads(line) for line in output.read_text().splitlines()]  # every line parses again
+    assert sorted(r["id"] for r in records[1:]) == sorted(s.id for s in samples)
+
+
+def test_a_resume_with_other_settings_refuses_unless_fresh(data: dict[str, Path], tmp_path: Path) -> None:
+    samples = load("mmlu", data)[:2]
+    output = tmp_path / "results.jsonl"
+    right = {s.prompt: correct_response("mmlu", s) for s in samples}
+    run_with_results(samples, ScriptedEndpoint(right), output, settings(temperature=0.5))
+    with pytest.raises(ResumeMismatch, match="temperature 0.5 there, 0.0 now"):
+        run_with_results(samples, ScriptedEndpoint(right), output, settings(temperature=0.0))
+    with pytest.raises(ResumeMismatch, match="data_sha256"):
+        run_with_results(samples, ScriptedEndpoint(right), output, settings(data_sha256="other"))
+    endpoint = ScriptedEndpoint(right)
+    run_with_results(samples, endpoint, output, settings(temperature=0.0), fresh=True)
+    assert endpoint.calls == 2 and json.loads(output.read_text().splitlines()[0])["temperature"] == 0.0
+    foreign = tmp_path / "foreign.jsonl"
+    foreign.write_text('{"id": "x", "repeat": 0, "score": 1.0}\n')
+    with pytest.raises(ResumeMismatch, match="no phi4 eval settings header"):
+        run_with_results(samples, endpoint, foreign, settings())
+
+
+class FailsOn(ScriptedEndpoint):
+    """Right on every prompt but one, which fails as an endpoint does after its retries."""
+
+    def __init__(self, answer: dict[str, str], failing_prompt: str) -> None:
+        super().__init__(answer)
+        self.failing_prompt = failing_prompt
+
+    async def complete(self, messages: list[dict[str, str]], **options: Any) -> str:
+        if messages[-1]["content"] == self.failing_prompt:
+            raise RequestFailed("failed after 5 attempts; last: 503: overloaded")
+        return await super().complete(messages, **options)
+
+
+def test_a_request_that_keeps_failing_is_an_error_for_its_sample_only(data: dict[str, Path], tmp_path: Path) -> None:
+    samples = load("mmlu", data)
+    right = {s.prompt: correct_response("mmlu", s) for s in samples}
+    output = tmp_path / "results.jsonl"
+    summary = run_with_results(samples, FailsOn(right, samples[1].prompt), output, settings())
+    assert summary.errors == 1 and summary.num_samples == 3 and summary.score == 100.0  # not counted as wrong
+    assert "1 answers errored" in summary.table()
+    errored = [json.loads(line) for line in output.read_text().splitlines()[1:] if "error" in json.loads(line)]
+    assert [r["id"] for r in errored] == [samples[1].id] and "503" in errored[0]["error"]
+    endpoint = ScriptedEndpoint(right)  # the resume asks the errored sample again, and only it
+    summary = run_with_results(samples, endpoint, output, settings())
+    assert endpoint.calls == 1 and summary.errors == 0 and summary.num_samples == 4
+
+
+def mock_endpoint(handler: Any, **options: Any) -> OpenAIChatEndpoint:
+    return OpenAIChatEndpoint("http://endpoint.test/v1", "key", transport=httpx.MockTransport(handler),
+                              backoff_seconds=0.0, **options)
+
+
+def test_the_endpoint_retries_busy_answers_then_fails_the_one_request() -> None:
+    attempts = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        attempts.append(request.url.path)
+        if len(attempts) < 3:
+            return httpx.Response(503, json={"error": {"message": "overloaded"}})
+        return httpx.Response(200, json={"choices": [{"message": {"content": "Answer: B"}}]})
+
+    async def ask(endpoint: OpenAIChatEndpoint) -> str:
+        try:
+            return await endpoint.complete([{"role": "user", "content": "q"}], temperature=0.5, max_tokens=8, seed=7)
+        finally:
+            await endpoint.close()
+
+    assert asyncio.run(ask(mock_endpoint(handler, model="m"))) == "Answer: B" and len(attempts) == 3
+    always_busy = mock_endpoint(lambda request: httpx.Response(500, text="boom"), model="m", retries=2)
+    with pytest.raises(RequestFailed, match="after 3 attempts; last: 500: boom"):
+        asyncio.run(ask(always_busy))
+    refused = mock_endpoint(lambda request: httpx.Response(401, json={"error": {"message": "bad key"}}), model="m")
+    with pytest.raises(EndpointError, match="refused the API key \\(401: bad key\\)"):
+        asyncio.run(ask(refused))
+
+
+def test_endpoint_down_and_a_wrong_key_are_one_line_each(
+    capsys: pytest.CaptureFixture[str], data: dict[str, Path], server: Any
+) -> None:
+    code = cli_main(["eval", "mmlu", "--data", str(data["mmlu"]), "--base-url", "http://127.0.0.1:9/v1"])
+    error = capsys.readouterr().err.strip()
+    assert code == 1 and error.startswith("phi4 eval: cannot reach http://127.0.0.1:9/v1") and "\n" not in error
+    code = cli_main(["eval", "mmlu", "--data", str(data["mmlu"]), "--base-url", f"{server.url}/v1", "--api-key",
+                     "wrong-key"])
+    error = capsys.readouterr().err.strip()
+    assert code == 1 and "refused the API key (401" in error and "Traceback" not in error
+
+
+@pytest.mark.parametrize(("bench", "content", "message"), [
+    ("mmlu", "", "holds no samples"),
+    ("mmlu", "What?,1,2,3,4,E\n", "an answer letter A-D"),
+    ("mmlu", "What?,1,2\n", "an answer letter A-D"),
+    ("gpqa", "Question,Correct Answer\nq,a\n", "lacks the columns"),
+    ("gpqa", ",".join(GPQA_ROWS[0]) + "\nr1,q?,right,,w2,w3\n", "a question and four answers"),
+    ("math", '{"problem": "1+1?"}\n', "lacks a problem or an answer"),
+    ("math", "{not json\n", "not JSON"),
+    ("math", "", "holds no samples"),
+])
+def test_malformed_or_empty_data_is_one_clear_message(
+    bench: str, content: str, message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / {"mmlu": "x_test.csv", "gpqa": "gpqa.csv", "math": "test.jsonl"}[bench]
+    path.write_text(content)
+    with pytest.raises(DataError, match=message):
+        TASKS[bench].load(path)
+    assert cli_main(["eval", bench, "--data", str(path), "--base-url", "http://127.0.0.1:9/v1"]) == 2
+    assert message in capsys.readouterr().err
 
 
 def test_missing_data_is_one_clear_message(
@@ -191,75 +343,34 @@ def test_missing_data_is_one_clear_message(
     assert "--data" in error and "HuggingFaceH4/MATH-500" in error and time.monotonic() - start < 30
 
 
-# The sandbox: hostile completions cannot hurt the host.
-
-LIMITS = SandboxLimits(timeout_seconds=5.0, cpu_seconds=5)
-
-
-def sandbox_processes() -> int:
-    if os.geteuid() != 0:
-        return 0
-    out = subprocess.run(["ps", "-u", "65534", "-o", "pid="], capture_output=True, text=True).stdout
-    return len(out.split())
-
-
-def test_a_fork_bomb_is_contained() -> None:
-    baseline = sandbox_processes()  # nobody may own unrelated processes on this host
-    start = time.monotonic()
-    result = run_python("import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass\n", LIMITS)
-    assert not result.passed and time.monotonic() - start < LIMITS.timeout_seconds + 5
-    deadline = time.monotonic() + 10
-    while sandbox_processes() > baseline and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert sandbox_processes() <= baseline, "every process it started is gone"
-    assert run_python("print('still works')", LIMITS).passed
-
-
-def test_an_endless_loop_is_stopped() -> None:
-    start = time.monotonic()
-    result = run_python("while True:\n    pass\n", LIMITS)
-    assert not result.passed and time.monotonic() - start < LIMITS.timeout_seconds + 3
-
-
-def test_a_memory_hog_is_refused() -> None:
-    result = run_python("blob = bytearray(8 << 30)\nprint('allocated')\n", LIMITS)
-    assert not result.passed and "allocated" not in result.output
-
-
-def test_rm_rf_home_cannot_touch_the_host(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    home = tmp_path / "home"
-    home.mkdir()
-    (home / "precious.txt").write_text("keep me")
-    monkeypatch.setenv("HOME", str(home))
-    program = (f"import os, shutil\nshutil.rmtree(os.path.expanduser('~'), ignore_errors=True)\n"
-               f"os.system('rm -rf ~ {home}')\nshutil.rmtree({str(home)!r})\n")
-    run_python(program, LIMITS)
-    assert (home / "precious.txt").read_text() == "keep me"
-
-
-def test_the_network_is_unreachable() -> None:
-    with socket.socket() as listener:
-        listener.bind(("127.0.0.1", 0))
-        listener.listen(1)
-        listener.settimeout(0.5)
-        port = listener.getsockname()[1]
-        program = (f"import socket\ns = socket.create_connection(('127.0.0.1', {port}), timeout=2)\n"
-                   "s.sendall(b'leak')\nprint('connected')\n")
-        result = run_python(program, LIMITS)
-        assert not result.passed and "connected" not in result.output
-        with pytest.raises(socket.timeout):
-            listener.accept()
-
-
 def test_end_to_end_against_the_demo_server_scores_about_chance(
     data: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     output = tmp_path / "demo-mmlu.jsonl"
     code = cli_main(["eval", "mmlu", "--model", "demo", "--max-model-len", "2048", "--data", str(data["mmlu"]),
-                     "--max-tokens", "24", "--concurrency", "4", "--output", str(output)])
+                     "--max-tokens", "24", "--concurrency", "4", "--seed", "3", "--output", str(output)])
     assert code == 0
-    records = [json.loads(line) for line in output.read_text().splitlines()]
+    header, *records = [json.loads(line) for line in output.read_text().splitlines()]
+    assert header["type"] == "header" and header["model"] == "microsoft/phi-4" and header["seed"] == 3
     assert len(records) == len(MMLU_ROWS) and all(r["response"] for r in records)
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert summary["benchmark"] == "mmlu" and summary["published"] == 84.8
+    assert summary["benchmark"] == "mmlu" and summary["published"] == 84.8 and summary["errors"] == 0
     assert 0.0 <= summary["score"] <= 50.0  # random weights: chance (25%) or below, never better
+    log = output.with_name(output.name + ".server.log")  # the server's output went to a file, not a pipe
+    assert "Uvicorn running" in log.read_text() or "Application startup complete" in log.read_text()
+
+
+def test_without_bubblewrap_the_sandbox_says_so_once_and_still_isolates_the_network(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from phi4.eval import sandbox
+
+    monkeypatch.setattr(sandbox, "bubblewrap", lambda: None)
+    monkeypatch.setattr(sandbox, "_warned", False)
+    marker = sandbox.new_marker()
+    with caplog.at_level("WARNING", logger="phi4.eval"):
+        results = [sandbox.run_python(f"print('hi')\nprint({marker!r})", marker=marker) for _ in range(2)]
+        blocked = sandbox.run_python("import socket\nsocket.socket()\nprint('made a socket')")
+    assert all(r.passed and r.isolation == "limits" for r in results)
+    assert not blocked.passed and "made a socket" not in blocked.output
+    assert sum("bubblewrap" in record.message for record in caplog.records) == 1

@@ -53,43 +53,16 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    import asyncio
-    import contextlib
-    import random
+    from phi4.eval.command import EvalOptions, run_eval
 
-    from phi4.eval.endpoint import OpenAIChatEndpoint, local_server
-    from phi4.eval.runner import evaluate
-    from phi4.eval.tasks import TASKS, DataMissingError
-
-    task = TASKS[args.bench]
-    try:
-        samples = task.load(Path(args.data) if args.data else None)
-    except DataMissingError as exc:
-        print(f"phi4 eval: {exc}", file=sys.stderr)
-        return 2
-    if args.limit is not None and args.limit < len(samples):
-        samples = random.Random(0).sample(samples, args.limit)  # simple-evals' fixed subset
-    with contextlib.ExitStack() as stack:
-        if args.base_url:
-            base_url = args.base_url
-        else:
-            base_url = stack.enter_context(local_server(args.model or "demo", args.max_model_len))
-        endpoint = OpenAIChatEndpoint(base_url, args.api_key or os.environ.get("OPENAI_API_KEY"), args.served_model)
-
-        async def run():  # type: ignore[no-untyped-def]
-            try:
-                return await evaluate(task, endpoint, samples, repeats=args.repeats, concurrency=args.concurrency,
-                                      temperature=args.temperature, max_tokens=args.max_tokens,
-                                      output=Path(args.output) if args.output else None)
-            finally:
-                await endpoint.close()
-
-        summary = asyncio.run(run())
-    print(summary.table())
-    print(json.dumps({"benchmark": task.name, "samples": summary.num_samples, "repeats": summary.repeats,
-                      "score": round(summary.score, 2), "stderr": round(summary.stderr, 2),
-                      "published": task.published, **{f"pass@{k}": round(v, 2) for k, v in summary.pass_at_k.items()}}))
-    return 0
+    return run_eval(EvalOptions(
+        bench=args.bench, base_url=args.base_url, api_key=args.api_key or os.environ.get("OPENAI_API_KEY"),
+        served_model=args.served_model, model=args.model, max_model_len=args.max_model_len,
+        data=Path(args.data) if args.data else None, limit=args.limit, concurrency=args.concurrency,
+        repeats=args.repeats, temperature=args.temperature, max_tokens=args.max_tokens, seed=args.seed,
+        extraction=args.extraction, timeout_seconds=args.timeout, output=Path(args.output) if args.output else None,
+        fresh=args.fresh,
+    ))
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -171,8 +144,18 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--concurrency", type=int, default=8)
     evaluate.add_argument("--repeats", type=int, default=1, help="answers per sample (pass@k for HumanEval)")
     evaluate.add_argument("--temperature", type=float, default=0.5)
-    evaluate.add_argument("--max-tokens", type=int, default=None)
-    evaluate.add_argument("--output", help="JSON lines of every answer; a re-run resumes from it")
+    evaluate.add_argument("--max-tokens", type=int, default=None,
+                          help="per answer (default: simple-evals' 1024)")
+    evaluate.add_argument("--seed", type=int, default=None,
+                          help="send each request a seed derived from this one (repeats differ, re-runs agree)")
+    evaluate.add_argument("--extraction", choices=["simple-evals", "lenient"], default="simple-evals",
+                          help="multiple-choice answer extraction: simple-evals' exact rules, or more forms "
+                               "(named in the output)")
+    evaluate.add_argument("--timeout", type=float, default=3.0,
+                          help="seconds a HumanEval program may run (simple-evals: 3)")
+    evaluate.add_argument("--output", help="JSON lines of every answer after a settings header; a re-run with the "
+                                           "same settings resumes from it")
+    evaluate.add_argument("--fresh", action="store_true", help="overwrite --output instead of resuming")
     evaluate.set_defaults(handler=_eval)
 
     bench = commands.add_parser("bench", help="offline engine throughput and latency, as JSON lines")

@@ -1,36 +1,50 @@
-"""Run a task against an endpoint: concurrent requests, results written as they come (a re-run resumes
-where the last one stopped), a progress bar, and a summary with its standard error."""
+"""Run a task against an endpoint: concurrent requests, results written as they come (a re-run with the same
+settings resumes), a progress bar, and a summary with its standard error.
+
+A request that still fails after the endpoint's retries, or an answer whose scoring breaks, is recorded as
+an error for that sample: counted apart from right and wrong, and asked again on a resume. Only what
+makes every request fail (the endpoint refusing the key) ends the run.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import json
+import hashlib
 import math
 import statistics
+import traceback
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
-from phi4.eval.endpoint import ChatEndpoint
-from phi4.eval.tasks import Sample, Task
+from phi4.eval.endpoint import ChatEndpoint, RequestFailed
+from phi4.eval.results import ResultsFile
+from phi4.eval.tasks import Sample, Scoring, Task
 
 
 @dataclass(frozen=True)
 class Summary:
     task: Task
-    num_samples: int
+    num_samples: int  # questions with at least one scored answer
     repeats: int
-    score: float  # mean over samples of the per-sample mean (pass@1 for HumanEval), in percent
+    answers: int  # answers scored
+    errors: int  # answers that could not be had or scored
+    score: float  # mean over questions of the per-question mean (pass@1 for HumanEval), in percent
     stderr: float  # standard error of that mean, in percent
     pass_at_k: dict[int, float]  # HumanEval with repeats: unbiased pass@k, in percent
+    extraction: str = "simple-evals"
 
     def table(self) -> str:
-        lines = [f"{'benchmark':<14}{'samples':>8}{'repeats':>8}{'score':>9}{'± s.e.':>9}{'Phi-4 (paper)':>15}",
-                 f"{self.task.title:<14}{self.num_samples:>8}{self.repeats:>8}{self.score:>9.1f}{self.stderr:>9.1f}"
-                 f"{self.task.published:>15.1f}"]
+        lines = [f"{'benchmark':<14}{'samples':>8}{'repeats':>8}{'errors':>8}{'score':>9}{'± s.e.':>9}"
+                 f"{'Phi-4 (paper)':>15}",
+                 f"{self.task.title:<14}{self.num_samples:>8}{self.repeats:>8}{self.errors:>8}{self.score:>9.1f}"
+                 f"{self.stderr:>9.1f}{self.task.published:>15.1f}"]
         lines += [f"{'':<14}pass@{k}: {value:.1f}" for k, value in sorted(self.pass_at_k.items()) if k > 1]
+        if self.extraction != "simple-evals":
+            lines.append(f"answers extracted with --extraction {self.extraction}: not comparable to simple-evals")
+        if self.errors:
+            lines.append(f"{self.errors} answers errored (see 'error' in the results); they are not in the score")
         return "\n".join(lines)
 
 
@@ -41,16 +55,12 @@ def pass_at_k(n: int, correct: int, k: int) -> float:
     return 1.0 - math.comb(n - correct, k) / math.comb(n, k)
 
 
-def _load_done(output: Path | None) -> dict[tuple[str, int], dict[str, Any]]:
-    done: dict[tuple[str, int], dict[str, Any]] = {}
-    if output is not None and output.exists():
-        for line in output.read_text(encoding="utf-8").splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line cut short when the last run stopped
-            done[(record["id"], record["repeat"])] = record
-    return done
+def request_seed(seed: int | None, sample: Sample) -> int | None:
+    """A seed of its own for every (question, repeat), derived from the run's: repeats differ, re-runs agree."""
+    if seed is None:
+        return None
+    digest = hashlib.sha256(f"{seed}/{sample.id}/{sample.repeat}".encode()).digest()
+    return int.from_bytes(digest[:4], "big") >> 1
 
 
 async def evaluate(
@@ -58,51 +68,70 @@ async def evaluate(
     endpoint: ChatEndpoint,
     samples: list[Sample],
     *,
-    repeats: int = 1,
+    scoring: Scoring | None = None,
     concurrency: int = 8,
     temperature: float = 0.5,
     max_tokens: int | None = None,
-    output: Path | None = None,
+    seed: int | None = None,
+    results: ResultsFile | None = None,
     progress: bool = True,
 ) -> Summary:
-    done = _load_done(output)
-    todo = [(s, r) for s in samples for r in range(repeats) if (s.id, r) not in done]
+    """Answer and score every sample (`samples` as `task.expand` made them: one per question and repeat)."""
+    scoring = scoring or Scoring()
+    done: dict[tuple[str, int], dict[str, Any]] = dict(results.done) if results is not None else {}
+    errors: dict[tuple[str, int], dict[str, Any]] = {}
+    todo = [s for s in samples if (s.id, s.repeat) not in done]
     semaphore = asyncio.Semaphore(concurrency)
-    bar = tqdm(total=len(samples) * repeats, initial=len(samples) * repeats - len(todo), desc=task.title,
-               disable=not progress, unit="answer")
-    sink = output.open("a", encoding="utf-8") if output is not None else None
+    bar = tqdm(total=len(samples), initial=len(samples) - len(todo), desc=task.title, disable=not progress,
+               unit="answer")
 
-    async def one(sample: Sample, repeat: int) -> None:
-        async with semaphore:
-            response = await endpoint.complete([{"role": "user", "content": sample.prompt}], temperature,
-                                               max_tokens or task.max_tokens)
-        result = await asyncio.to_thread(task.score, sample, response)  # HumanEval runs code: off the loop
-        record = {"id": sample.id, "repeat": repeat, **result, "response": response}
-        done[(sample.id, repeat)] = record
-        if sink is not None:
-            sink.write(json.dumps(record, ensure_ascii=False) + "\n")
-            sink.flush()
+    async def one(sample: Sample) -> None:
+        key = (sample.id, sample.repeat)
+        record: dict[str, Any] = {"id": sample.id, "repeat": sample.repeat}
+        try:
+            async with semaphore:
+                response = await endpoint.complete([{"role": "user", "content": sample.prompt}],
+                                                   temperature=temperature, max_tokens=max_tokens or task.max_tokens,
+                                                   seed=request_seed(seed, sample))
+        except RequestFailed as exc:
+            record["error"] = str(exc)
+        else:
+            try:  # HumanEval runs code and MATH waits on its grader: off the event loop
+                record.update(await asyncio.to_thread(task.score, sample, response, scoring))
+            except Exception as exc:  # noqa: BLE001 - this answer errors, the run goes on
+                record["error"] = f"scoring failed: {type(exc).__name__}: {exc}"
+                record["traceback"] = traceback.format_exc(limit=5)
+            record["response"] = response
+        (errors if "error" in record else done)[key] = record
+        if results is not None:
+            results.append(record)
         bar.update(1)
 
     try:
-        await asyncio.gather(*(one(sample, repeat) for sample, repeat in todo))
+        await asyncio.gather(*(one(sample) for sample in todo))
     finally:
         bar.close()
-        if sink is not None:
-            sink.close()
-    return summarize(task, samples, repeats, done)
+    return summarize(task, samples, done, len(errors), scoring.extraction)
 
 
-def summarize(task: Task, samples: list[Sample], repeats: int, done: dict[tuple[str, int], dict[str, Any]]) -> Summary:
-    per_sample = []
-    correct_counts = []
+def summarize(task: Task, samples: list[Sample], done: dict[tuple[str, int], dict[str, Any]], errors: int,
+              extraction: str = "simple-evals") -> Summary:
+    scores: dict[str, list[float]] = {}
     for sample in samples:
-        scores = [done[(sample.id, r)]["score"] for r in range(repeats) if (sample.id, r) in done]
-        per_sample.append(statistics.fmean(scores) if scores else 0.0)
-        correct_counts.append(int(sum(scores)))
-    n = len(per_sample)
-    mean = statistics.fmean(per_sample) if per_sample else 0.0
-    stderr = statistics.stdev(per_sample) / math.sqrt(n) if n > 1 else 0.0
-    ks = sorted({1, repeats}) if task.name == "humaneval" else []
-    at_k = {k: 100 * statistics.fmean(pass_at_k(repeats, c, k) for c in correct_counts) for k in ks if n}
-    return Summary(task, n, repeats, 100 * mean, 100 * stderr, at_k)
+        record = done.get((sample.id, sample.repeat))
+        scores.setdefault(sample.id, [])
+        if record is not None:
+            scores[sample.id].append(record["score"])
+    repeats = max((s.repeat for s in samples), default=0) + 1
+    per_question = [statistics.fmean(values) for values in scores.values() if values]
+    n = len(per_question)
+    mean = statistics.fmean(per_question) if n else 0.0
+    stderr = statistics.stdev(per_question) / math.sqrt(n) if n > 1 else 0.0
+    at_k: dict[int, float] = {}
+    if task.name == "humaneval" and n:
+        complete = [values for values in scores.values() if len(values) == repeats]
+        for k in sorted({1, repeats}):
+            if complete:
+                at_k[k] = 100 * statistics.fmean(pass_at_k(repeats, int(sum(v)), k) for v in complete)
+    return Summary(task, n, repeats, sum(len(v) for v in scores.values()), errors, 100 * mean, 100 * stderr, at_k,
+                   extraction)

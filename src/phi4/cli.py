@@ -65,6 +65,16 @@ def _eval(args: argparse.Namespace) -> int:
     ))
 
 
+def _chat(args: argparse.Namespace) -> int:
+    from phi4.chat.command import ChatOptions, run_chat
+
+    return run_chat(ChatOptions(
+        model=args.model, base_url=args.base_url, api_key=args.api_key or os.environ.get("OPENAI_API_KEY"),
+        served_model=args.served_model, max_model_len=args.max_model_len, device=args.device, system=args.system,
+        history=Path(args.history) if args.history else None, plain=args.plain,
+    ))
+
+
 def _bench(args: argparse.Namespace) -> int:
     from phi4 import LLM
     from phi4.bench import run_offline
@@ -157,6 +167,19 @@ def build_parser() -> argparse.ArgumentParser:
                                            "same settings resumes from it")
     evaluate.add_argument("--fresh", action="store_true", help="overwrite --output instead of resuming")
     evaluate.set_defaults(handler=_eval)
+
+    chat = commands.add_parser("chat", help="talk to a model in the terminal (served here, or any endpoint)")
+    chat.add_argument("--model", default="microsoft/phi-4",
+                      help="serve this model in this process for the chat: an ID, a directory, or demo")
+    chat.add_argument("--base-url", help="instead, talk to this OpenAI-compatible endpoint (e.g. .../v1)")
+    chat.add_argument("--api-key", help="its key (default: $OPENAI_API_KEY)")
+    chat.add_argument("--served-model", help="the model name to send (default: the endpoint's first model)")
+    chat.add_argument("--max-model-len", type=int, default=None, help="with --model")
+    chat.add_argument("--device", default="auto", help="with --model")
+    chat.add_argument("--system", help="a system message to start with")
+    chat.add_argument("--history", help="the input history file (default: ~/.local/share/phi4/chat_history)")
+    chat.add_argument("--plain", action="store_true", help="print answers as plain text, without markdown")
+    chat.set_defaults(handler=_chat)
 
     bench = commands.add_parser("bench", help="offline engine throughput and latency, as JSON lines")
     bench.add_argument("--model", default="demo")

@@ -32,10 +32,11 @@ from phi4.server.protocol import (
 )
 from phi4.server.responses import create_response
 from phi4.server.state import Reservation, ServerState
+from phi4.server.web import add_web_page
 
 logger = logging.getLogger("phi4.server")
 PREFIXES = ("/v1", "/api/v1")
-OPEN_PATHS = ("/health", "/metrics", "/openapi.json")
+OPEN_PATHS = ("/health", "/metrics", "/openapi.json", "/ui/")  # and "/", the chat page
 T = TypeVar("T")
 
 
@@ -94,7 +95,7 @@ class AccessControl:
 
         path: str = scope["path"]
         try:
-            if state is not None and state.api_key is not None and not path.startswith(OPEN_PATHS):
+            if state is not None and state.api_key is not None and not (path == "/" or path.startswith(OPEN_PATHS)):
                 supplied = dict(scope["headers"]).get(b"authorization", b"")
                 if not hmac.compare_digest(supplied, f"Bearer {state.api_key}".encode()):
                     error = APIError(401, "Incorrect API key provided.", type_="authentication_error",
@@ -261,6 +262,7 @@ def create_app(loading: LoadingState, max_body_bytes: int = 8 << 20, body_timeou
     async def metrics() -> Response:
         return PlainTextResponse(loading.get().metrics.render(), media_type="text/plain; version=0.0.4")
 
+    add_web_page(app, loading)
     _declare_bodies(app, {"/chat/completions": ChatCompletionRequest, "/completions": CompletionRequest,
                           "/responses": ResponsesRequest, "/tokenize": TokenizeRequest,
                           "/detokenize": DetokenizeRequest})

@@ -101,11 +101,10 @@ class GracefulServer(uvicorn.Server):
             state.engine.cancel_all(shutting_down())
 
 
-def serve(options: ServeOptions) -> int:
-    """Serve until a signal; the exit status is 1 when the model could not be loaded."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+def build_server(options: ServeOptions, log_level: str = "info") -> tuple[GracefulServer, LoadingState]:
+    """The uvicorn server and the model's background loading, ready to run (`phi4 serve`, `phi4 chat`)."""
     # uvicorn waits past the grace period only for the streams to send their error events.
-    config = uvicorn.Config(None, host=options.host, port=options.port, log_level="info", access_log=False,
+    config = uvicorn.Config(None, host=options.host, port=options.port, log_level=log_level, access_log=False,
                             http=protocol_with_header_timeout(options.header_timeout),
                             timeout_graceful_shutdown=int(options.graceful_shutdown_seconds) + 5)
 
@@ -116,6 +115,13 @@ def serve(options: ServeOptions) -> int:
     loading = LoadingState(lambda: load_state(options), on_failure=give_up)
     server = GracefulServer(config, loading, options.graceful_shutdown_seconds)
     config.app = create_app(loading, body_timeout=options.body_timeout)
+    return server, loading
+
+
+def serve(options: ServeOptions) -> int:
+    """Serve until a signal; the exit status is 1 when the model could not be loaded."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    server, loading = build_server(options)
     loading.start()
     try:
         server.run()

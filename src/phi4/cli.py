@@ -43,6 +43,20 @@ def _serve(args: argparse.Namespace) -> int:
         enable_prefix_caching=not args.no_prefix_caching,
         **_numerics(args),
     )
+    if args.replicas is not None or args.min_replicas is not None or args.max_replicas is not None \
+            or args.ray_address is not None:
+        from phi4.cluster.app import serve_cluster  # Ray is imported only here
+        from phi4.cluster.options import ClusterOptions
+
+        cluster = ClusterOptions(
+            model=args.model, served_model_name=args.served_model_name,
+            api_key=args.api_key or os.environ.get("PHI4_API_KEY") or None, max_queue=args.max_queue,
+            max_stop_sequences=args.max_stop_sequences, device=args.device, dtype=args.dtype, engine=engine,
+            replicas=args.replicas or 1, min_replicas=args.min_replicas, max_replicas=args.max_replicas,
+            target_ongoing_requests=args.target_ongoing_requests, cpus_per_replica=args.cpus_per_replica,
+            body_timeout=args.body_timeout,
+        )
+        return serve_cluster(cluster, args.host, args.port, args.ray_address)
     return serve(ServeOptions(
         model=args.model, host=args.host, port=args.port, served_model_name=args.served_model_name,
         api_key=args.api_key or os.environ.get("PHI4_API_KEY") or None, max_queue=args.max_queue,
@@ -137,6 +151,16 @@ def build_parser() -> argparse.ArgumentParser:
                        help="seconds a client has to send a request's headers")
     serve.add_argument("--body-timeout", type=float, default=30.0,
                        help="seconds a client may pause while sending a body (then 408)")
+    serve.add_argument("--replicas", type=int, default=None,
+                       help="serve N engine replicas behind one endpoint on Ray Serve (one device each)")
+    serve.add_argument("--min-replicas", type=int, default=None, help="autoscale: at least this many replicas")
+    serve.add_argument("--max-replicas", type=int, default=None, help="autoscale: at most this many replicas")
+    serve.add_argument("--target-ongoing-requests", type=float, default=16.0,
+                       help="autoscale: the ongoing requests per replica to aim for")
+    serve.add_argument("--ray-address", default=None,
+                       help="join this Ray cluster (e.g. auto, or ray://head:10001); default: start a local one")
+    serve.add_argument("--cpus-per-replica", type=float, default=1.0,
+                       help="on CPU nodes, the cores each replica takes (on GPU nodes each takes one GPU)")
     serve.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     serve.add_argument("--no-prefix-caching", action="store_true")
     _add_numerics_options(serve)

@@ -255,12 +255,17 @@ def create_app(loading: LoadingState, max_body_bytes: int = 8 << 20, body_timeou
 
     @app.get("/health")
     async def health() -> Response:
-        loading.get()
+        state = loading.get()
+        if state.fleet is not None:  # replicas behind Ray Serve: each one's state; 503 when none answers
+            report = state.fleet.health()
+            return JSONResponse(report, status_code=200 if report["healthy_replicas"] else 503)
         return PlainTextResponse("ok")
 
     @app.get("/metrics")
     async def metrics() -> Response:
-        return PlainTextResponse(loading.get().metrics.render(), media_type="text/plain; version=0.0.4")
+        state = loading.get()
+        text = state.metrics.render() + (state.fleet.render() if state.fleet is not None else "")
+        return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
     add_web_page(app, loading)
     _declare_bodies(app, {"/chat/completions": ChatCompletionRequest, "/completions": CompletionRequest,

@@ -6,7 +6,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Protocol
 
 from phi4 import __version__
 from phi4.engine.client import EngineClient
@@ -19,6 +19,14 @@ from phi4.server.metrics import Metrics
 from phi4.tokenizer import Tokenizer
 
 logger = logging.getLogger("phi4.server")
+
+
+class FleetReport(Protocol):
+    """Replicas behind one ingress (phi4/cluster): their health for /health, their series for /metrics."""
+
+    def health(self) -> dict[str, Any]: ...
+
+    def render(self) -> str: ...
 
 
 class Admission:
@@ -72,6 +80,7 @@ class ServerState:
     metrics: Metrics = field(init=False)
     admission: Admission = field(init=False)
     responses: ResponseStore = field(default_factory=lambda: _response_store())
+    fleet: FleetReport | None = None  # behind Ray Serve: every replica's health and series (phi4/cluster)
 
     def __post_init__(self) -> None:
         stats = self.engine.stats

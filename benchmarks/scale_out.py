@@ -1,0 +1,103 @@
+"""Scale-out on Ray Serve: the same streaming workload against `phi4 serve --model demo` as one process and
+on Ray Serve with 1 and then 2 replicas, every engine limited to one CPU thread, in one run.
+
+Prints one JSON line per arm (output tokens/s, requests/s, TTFT and ITL percentiles, as the clients saw
+them) and a summary: the scaling ratio (2 replicas over 1; target >= 1.6 on a 2-core machine) and the
+routing overhead (1 replica through Ray over the same single engine in one process; target >= 0.85).
+Prefix caching is off and the prompts are random, so routing cannot win by cache hits.
+
+Usage: python benchmarks/scale_out.py [--clients 16] [--requests 64] [--prompt-tokens 128] [--output-tokens 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+from serve_load import drive, workload  # benchmarks/serve_load.py: the lean streaming clients
+
+from phi4.bench import cpu_name
+
+
+def start(extra: list[str], threads: int | None) -> tuple[subprocess.Popen, str]:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0")
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = str(threads)
+    process = subprocess.Popen([sys.executable, "-m", "phi4.cli", "serve", "--model", "demo", "--host", "127.0.0.1",
+                                "--port", str(port), "--no-prefix-caching", "--max-model-len", "1024", *extra],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        try:
+            response = httpx.get(f"{url}/health", timeout=2)
+            if response.status_code == 200 and (response.headers.get("content-type", "").startswith("text")
+                                                or response.json()["healthy_replicas"] >= replicas_in(extra)):
+                return process, url
+        except (httpx.HTTPError, ValueError):
+            pass
+        time.sleep(0.5)
+    stop(process)
+    raise TimeoutError(f"phi4 serve {' '.join(extra)} did not become healthy")
+
+
+def replicas_in(extra: list[str]) -> int:
+    return int(extra[extra.index("--replicas") + 1]) if "--replicas" in extra else 1
+
+
+def stop(process: subprocess.Popen) -> None:
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout=90)
+    finally:
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def measure(name: str, extra: list[str], threads: int | None, prompts: list[list[int]], args: argparse.Namespace
+            ) -> dict:
+    process, url = start(extra, threads)
+    try:
+        asyncio.run(drive(url, prompts[:4], 4, 4, 60))  # warm-up: every replica compiles and allocates
+        figures = asyncio.run(drive(url, prompts, args.clients, args.output_tokens, args.max_seconds))
+    finally:
+        stop(process)
+    line = {"arm": name, **{k: round(v, 2) for k, v in figures.items()}}
+    print(json.dumps(line), flush=True)
+    return line
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--requests", type=int, default=64)
+    parser.add_argument("--prompt-tokens", type=int, default=128)
+    parser.add_argument("--output-tokens", type=int, default=64)
+    parser.add_argument("--max-seconds", type=float, default=300)
+    args = parser.parse_args()
+    prompts = workload(args.requests, args.prompt_tokens)
+    one_process = measure("one process, 1 thread", [], 1, prompts, args)
+    ray_one = measure("Ray Serve, 1 replica", ["--replicas", "1", "--cpus-per-replica", "1"], None, prompts, args)
+    ray_two = measure("Ray Serve, 2 replicas", ["--replicas", "2", "--cpus-per-replica", "1"], None, prompts, args)
+    print(json.dumps({"figure": "scale_out", "cpu": cpu_name(), "cores": os.cpu_count(),
+                      "scaling_2_over_1": round(ray_two["output_tok_s"] / ray_one["output_tok_s"], 3),
+                      "scaling_target": 1.6,
+                      "ray_over_one_process": round(ray_one["output_tok_s"] / one_process["output_tok_s"], 3),
+                      "overhead_target": 0.85}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,57 @@
+"""What a phi4 deployment on Ray Serve is made of. Plain data, so that the CLI, a Ray Serve config file
+and a KubeRay RayService pass the same arguments to the same builder (`phi4.cluster.app:build`)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from phi4.config import EngineConfig
+
+
+@dataclass(frozen=True)
+class ClusterOptions:
+    model: str = "microsoft/phi-4"
+    served_model_name: str = "microsoft/phi-4"
+    api_key: str | None = None
+    max_queue: int = 1024  # for the whole deployment: admission happens at the one ingress
+    max_stop_sequences: int = 16
+    device: str = "auto"
+    dtype: str = "auto"
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    replicas: int = 1  # the starting count; fixed unless min/max replicas differ
+    min_replicas: int | None = None
+    max_replicas: int | None = None
+    target_ongoing_requests: float = 16.0  # per replica, for autoscaling
+    cpus_per_replica: float = 1.0  # on CPU nodes; on GPU nodes each replica takes one GPU
+    gpus_per_replica: float | None = None  # None: one where the cluster has GPUs, else none
+    stream_interval_ms: float = 50.0  # a replica sends a stream's tokens in batches this far apart (Ray LLM: 50)
+    prefix_imbalance: int = 8  # how many more queued requests a replica may have and still get its prefixes
+    body_timeout: float = 30.0
+
+    def as_args(self) -> dict[str, Any]:
+        """The builder's arguments as plain JSON-able data (a Serve config's `args`)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_args(cls, args: dict[str, Any]) -> ClusterOptions:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(args) - known
+        if unknown:
+            raise ValueError(f"unknown phi4 deployment arguments: {', '.join(sorted(unknown))}")
+        values = dict(args)
+        if isinstance(values.get("engine"), dict):
+            values["engine"] = EngineConfig(**values["engine"])
+        return cls(**values)
+
+    @property
+    def autoscaling(self) -> dict[str, Any] | None:
+        if self.min_replicas is None and self.max_replicas is None:
+            return None
+        low = self.min_replicas if self.min_replicas is not None else 1
+        high = self.max_replicas if self.max_replicas is not None else max(low, self.replicas)
+        if not 0 <= low <= high or high < 1:
+            raise ValueError(f"--min-replicas {low} and --max-replicas {high}: need 0 <= min <= max, max >= 1")
+        return {"min_replicas": low, "max_replicas": high, "initial_replicas": min(max(self.replicas, low), high),
+                "target_ongoing_requests": self.target_ongoing_requests}

@@ -1,0 +1,95 @@
+"""One engine replica: an LLMEngine on one device (a GPU, or a share of a CPU node's cores), serving the
+ingress's prepared requests as streams, reporting its load to the router (`record_routing_stats`) and to
+the fleet registry.
+
+Cancellation: when the ingress cancels a stream (its client went away), Ray Serve cancels this generator;
+closing the engine stream aborts the request in the engine."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import ray
+from ray import serve
+
+from phi4.cluster.fleet import registry, report_of
+from phi4.cluster.options import ClusterOptions
+from phi4.cluster.wire import WireRequest
+from phi4.engine.client import InProcessEngine, RequestOutput
+
+logger = logging.getLogger("phi4.cluster")
+REPORT_SECONDS = 0.5
+
+
+class EngineReplica:
+    def __init__(self, args: dict[str, Any]) -> None:
+        import torch
+
+        from phi4.engine.engine import LLMEngine
+        from phi4.model.loader import resolve_checkpoint
+
+        options = ClusterOptions.from_args(args)
+        if options.gpus_per_replica in (None, 0) and not torch.cuda.is_available():
+            torch.set_num_threads(max(1, int(options.cpus_per_replica)))  # this replica's share of the node
+        engine = LLMEngine(resolve_checkpoint(options.model), options.engine, options.device, options.dtype)
+        self.engine = InProcessEngine(engine)
+        self.stream_interval = options.stream_interval_ms / 1000
+        context = serve.get_replica_context()
+        self.replica_id = context.replica_id.unique_id
+        self.node = ray.get_runtime_context().get_node_id()
+        self.requests = 0
+        self.tokens = 0
+        self.reports = 0
+        self._registry = registry(context.app_name)
+        self._stop = threading.Event()
+        self._reporter = threading.Thread(target=self._report_loop, name="phi4-fleet-report", daemon=True)
+        self._reporter.start()
+        logger.info("replica %s ready on node %s (pid %d)", self.replica_id, self.node, os.getpid())
+
+    def info(self) -> dict[str, Any]:
+        return {"max_model_len": self.engine.max_model_len, "vocab_size": self.engine.vocab_size,
+                "eos_token_ids": sorted(self.engine.engine.eos_token_ids), "replica": self.replica_id}
+
+    async def generate(self, request_id: str, request: WireRequest) -> AsyncIterator[list[RequestOutput]]:
+        """The request's outputs in batches: the first at once (time to first token is not delayed), then
+        whatever came in each `stream_interval` (every streamed item costs a Ray message, so one per token
+        would spend the CPU the engine needs), and the last at once."""
+        self.requests += 1
+        stream = self.engine.generate(request_id, request.prepared())
+        batch: list[RequestOutput] = []
+        sent_first = False
+        last_sent = time.monotonic()
+        try:
+            async for output in stream:
+                self.tokens += len(output.new_token_ids)
+                batch.append(output)
+                if not sent_first or output.finished or time.monotonic() - last_sent >= self.stream_interval:
+                    yield batch
+                    batch, sent_first, last_sent = [], True, time.monotonic()
+            if batch:
+                yield batch
+        finally:
+            stream.close()  # early end (cancelled by the ingress): the engine aborts the request
+
+    def record_routing_stats(self) -> dict[str, Any]:
+        stats = self.engine.stats()
+        self.reports += 1
+        return {"running": stats.num_running, "waiting": stats.num_waiting, "free_blocks": stats.kv_free_blocks,
+                "report": self.reports}
+
+    def _report_loop(self) -> None:
+        while not self._stop.wait(REPORT_SECONDS):
+            try:
+                self._registry.report.remote(report_of(self.replica_id, self.node, os.getpid(), self.engine.stats(),
+                                                       self.requests, self.tokens))
+            except Exception:  # noqa: BLE001 - the registry is being replaced; the next report will do
+                logger.debug("fleet report failed", exc_info=True)
+
+    def __del__(self) -> None:
+        self._stop.set()
+        self.engine.shutdown()

@@ -1,0 +1,106 @@
+"""Which replica serves a request: least-loaded by default (power of two choices on the load each replica
+reports: sequences running and waiting, then free KV blocks), with prefix affinity — a prompt whose leading
+KV blocks were last sent to one replica goes back to it, where they sit in its prefix cache, unless that
+replica has `imbalance` more sequences than the least-loaded one.
+
+A replica's load is what it last reported (Ray Serve collects `record_routing_stats` periodically) plus the
+requests this router has sent it since that report, so a burst does not all go to the replica that looked
+idle a moment ago. The affinity map is the router's own memory of where it sent each prefix block (hashed as
+a chain, like the engine's prefix cache: a block's hash covers every token before it), so it needs no round
+trip; a replica that died is forgotten. The chosen replica comes first, the others after it in order of
+load, for Ray Serve to fall back on if it is full.
+(Ray's PrefixCacheAffinityRouter does the same on prompt text in a shared tree actor; phi4 routes on the
+token ids it already has, in-process.)"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from collections import OrderedDict
+from typing import Any
+
+from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
+
+from phi4.cluster.wire import WireRequest
+
+MAX_REMEMBERED_BLOCKS = 200_000
+
+
+def prefix_block_hashes(token_ids: list[int], block_size: int) -> list[bytes]:
+    """One hash per full block of the prompt, each covering every token before its end."""
+    hashes = []
+    digest = hashlib.blake2b(digest_size=16)
+    for start in range(0, len(token_ids) - block_size + 1, block_size):
+        digest.update(b"".join(t.to_bytes(4, "little") for t in token_ids[start:start + block_size]))
+        hashes.append(digest.copy().digest())
+    return hashes
+
+
+def _wire_request(pending: PendingRequest | None) -> WireRequest | None:
+    if pending is None:
+        return None
+    for value in (*pending.args, *pending.kwargs.values()):
+        if isinstance(value, WireRequest):
+            return value
+    return None
+
+
+class PrefixAffinityRouter(RequestRouter):
+    # Ray passes request_router_kwargs here as keywords.
+    def initialize_state(self, block_size: int = 16, imbalance: int = 8,  # type: ignore[override]
+                         min_blocks: int = 1) -> None:
+        self.block_size = block_size
+        self.imbalance = imbalance
+        self.min_blocks = min_blocks
+        self._owners: OrderedDict[bytes, ReplicaID] = OrderedDict()  # block hash -> the replica that has it
+        self._sent: dict[ReplicaID, tuple[int, int]] = {}  # replica -> (its report's number, sent since)
+
+    def load(self, replica: RunningReplica) -> tuple[int, int]:
+        """(sequences it has or will have, fewer free KV blocks first): lower is less loaded."""
+        stats: dict[str, Any] = replica.routing_stats or {}
+        report, sent = self._sent.get(replica.replica_id, (-1, 0))
+        if stats.get("report", -1) != report:
+            sent = 0  # a newer report counts what was sent before it
+        return stats.get("running", 0) + stats.get("waiting", 0) + sent, -stats.get("free_blocks", 0)
+
+    def _count_sent(self, replica: RunningReplica) -> None:
+        stats = replica.routing_stats or {}
+        report, sent = self._sent.get(replica.replica_id, (-1, 0))
+        current = stats.get("report", -1)
+        self._sent[replica.replica_id] = (current, (sent if current == report else 0) + 1)
+
+    def _affine(self, blocks: list[bytes], candidates: dict[ReplicaID, RunningReplica]) -> RunningReplica | None:
+        """The replica holding the longest run of this prompt's leading blocks, if long enough."""
+        owner, depth = None, 0
+        for index, block in enumerate(blocks):
+            holder = self._owners.get(block)
+            if holder is None or holder not in candidates:
+                break
+            owner, depth = holder, index + 1
+        return candidates[owner] if owner is not None and depth >= self.min_blocks else None
+
+    async def choose_replicas(self, candidate_replicas: list[RunningReplica],
+                              pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
+        if not candidate_replicas:
+            return []
+        candidates = {replica.replica_id: replica for replica in candidate_replicas}
+        request = _wire_request(pending_request)
+        blocks = prefix_block_hashes(request.prompt_token_ids, self.block_size) if request is not None else []
+        least = min(candidate_replicas, key=self.load)
+        chosen = self._affine(blocks, candidates)
+        if chosen is None or self.load(chosen)[0] - self.load(least)[0] > self.imbalance:
+            pair = random.sample(candidate_replicas, min(2, len(candidate_replicas)))  # random order: ties spread
+            chosen = min(pair, key=self.load)  # power of two choices
+        self._count_sent(chosen)
+        for block in blocks:
+            self._owners[block] = chosen.replica_id
+            self._owners.move_to_end(block)
+        while len(self._owners) > MAX_REMEMBERED_BLOCKS:
+            self._owners.popitem(last=False)
+        return [[chosen], sorted((r for r in candidate_replicas if r is not chosen), key=self.load)]
+
+    def on_replica_actor_died(self, replica_id: ReplicaID) -> None:
+        super().on_replica_actor_died(replica_id)
+        self._sent.pop(replica_id, None)
+        for block in [b for b, owner in self._owners.items() if owner == replica_id]:
+            del self._owners[block]

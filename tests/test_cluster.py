@@ -1,0 +1,315 @@
+"""phi4 on Ray Serve (`phi4 serve --replicas 2`) on this CPU machine with a local Ray instance and the demo
+checkpoint: concurrent streams through the openai client spread over both replicas, a shared prefix stays
+on the replica that caches it, the same seed gives the same text whichever replica answers, a replica killed
+mid-stream fails only its own requests and is replaced; the router's choices in isolation; and the KubeRay
+manifest names the builder the CLI runs."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import types
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.live_server import API_KEY, free_port
+
+ray = pytest.importorskip("ray")
+pytest.importorskip("ray.serve")
+DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
+
+
+class Fleet:
+    def __init__(self, tmp: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = open(tmp / "fleet.log", "w")  # noqa: SIM115
+        env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", RAY_DEDUP_LOGS="0")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "phi4.cli", "serve", "--model", "demo", "--replicas", "2", "--cpus-per-replica",
+             "1", "--max-model-len", "1024", "--api-key", API_KEY, "--port", str(self.port), "--host", "127.0.0.1"],
+            stdout=self.log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        self.headers = {"Authorization": f"Bearer {API_KEY}"}
+
+    def health(self) -> dict:
+        return httpx.get(f"{self.url}/health", timeout=10).json()
+
+    def wait_healthy(self, replicas: int = 2, timeout: float = 300) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.process.poll() is None, Path(self.log.name).read_text()[-3000:]
+            try:
+                response = httpx.get(f"{self.url}/health", timeout=5)
+                if response.status_code == 200 and response.json()["healthy_replicas"] >= replicas:
+                    return response.json()
+            except (httpx.HTTPError, ValueError, KeyError):
+                pass
+            time.sleep(0.5)
+        raise TimeoutError(Path(self.log.name).read_text()[-3000:])
+
+    def replica_series(self, name: str) -> dict[str, float]:
+        text = httpx.get(f"{self.url}/metrics", timeout=10).text
+        return {m.group(1): float(m.group(2)) for m in re.finditer(rf'^{name}{{replica="([^"]+)"[^}}]*}} (\S+)$',
+                                                                      text, re.MULTILINE)}
+
+    def stop(self) -> None:
+        """SIGTERM to phi4 alone (it takes Serve and its local Ray down); anything left of its group after."""
+        self.process.terminate()
+        try:
+            code = self.process.wait(timeout=60)
+        finally:
+            try:
+                os.killpg(self.process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.process.wait()
+            self.log.close()
+        assert code == 0, Path(self.log.name).read_text()[-3000:]
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory: pytest.TempPathFactory, demo_dir: Path) -> Iterator[Fleet]:
+    instance = Fleet(tmp_path_factory.mktemp("fleet"))
+    try:
+        instance.wait_healthy(2)
+        yield instance
+    finally:
+        instance.stop()
+
+
+@pytest.fixture(scope="module")
+def client(fleet: Fleet):  # noqa: ANN201
+    import openai
+
+    return openai.OpenAI(base_url=f"{fleet.url}/v1", api_key=API_KEY, max_retries=0, timeout=120)
+
+
+def counts(fleet: Fleet) -> dict[str, float]:
+    return fleet.replica_series("phi4_replica_requests_total")
+
+
+def wait_reported(fleet: Fleet, expected_total: float, timeout: float = 30) -> dict[str, float]:
+    """Replicas report twice a second: wait until the counters include `expected_total` requests."""
+    deadline = time.monotonic() + timeout
+    while sum(counts(fleet).values()) < expected_total and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return counts(fleet)
+
+
+def test_concurrent_streams_spread_over_both_replicas(fleet: Fleet, client) -> None:  # noqa: ANN001
+    health = fleet.health()
+    assert health["status"] == "ok" and len({r["replica"] for r in health["replicas"]}) == 2
+    assert all({"replica", "node", "healthy", "running", "waiting", "kv_cache_usage"} <= set(r)
+               for r in health["replicas"])
+    before = counts(fleet)
+
+    async def one(index: int) -> str:
+        import openai
+
+        async_client = openai.AsyncOpenAI(base_url=client.base_url, api_key=API_KEY, max_retries=0)
+        stream = await async_client.chat.completions.create(
+            model="microsoft/phi-4", messages=[{"role": "user", "content": f"Request number {index}: say hi"}],
+            max_tokens=8, stream=True, seed=index)
+        text = "".join([chunk.choices[0].delta.content or "" async for chunk in stream if chunk.choices])
+        await async_client.close()
+        return text
+
+    async def all_of_them() -> list[str]:
+        return await asyncio.gather(*(one(i) for i in range(8)))
+
+    texts = asyncio.run(all_of_them())
+    assert len(texts) == 8 and all(texts)
+    after = wait_reported(fleet, sum(before.values()) + 8)
+    served = {replica: after[replica] - before.get(replica, 0) for replica in after}
+    assert sum(served.values()) == 8 and sum(1 for n in served.values() if n > 0) == 2, served
+
+
+def test_the_same_seed_gives_the_same_text_from_either_replica(fleet: Fleet) -> None:
+    body = {"model": "microsoft/phi-4", "prompt": "Hello", "max_tokens": 12, "temperature": 1.0, "seed": 1234}
+    texts = []
+    for _ in range(12):  # a one-token prompt has no prefix block: replicas are chosen by load alone
+        before = counts(fleet)
+        response = httpx.post(f"{fleet.url}/v1/completions", json=body, headers=fleet.headers, timeout=60)
+        after = wait_reported(fleet, sum(before.values()) + 1)
+        replica = next(r for r in after if after[r] > before.get(r, 0))
+        texts.append((replica, response.json()["choices"][0]["text"]))
+    assert len({replica for replica, _ in texts}) == 2, "both replicas answered"
+    assert len({text for _, text in texts}) == 1, texts
+
+
+def test_a_shared_prefix_stays_on_the_replica_that_caches_it(fleet: Fleet) -> None:
+    prefix = "You are reviewing a long contract. " + " ".join(f"Clause {i} says the parties agree." for i in range(40))
+    hits_before = sum(fleet.replica_series("phi4_replica_prefix_cache_hit_tokens").values())
+    before = counts(fleet)
+    for question in range(6):
+        body = {"model": "microsoft/phi-4", "prompt": f"{prefix}\nQuestion {question}:", "max_tokens": 2}
+        response = httpx.post(f"{fleet.url}/v1/completions", json=body, headers=fleet.headers, timeout=60)
+        assert response.status_code == 200
+    after = wait_reported(fleet, sum(before.values()) + 6)
+    served = sorted(after[r] - before.get(r, 0) for r in after)
+    assert served == [0, 6], "every request that shares the prefix went to the replica holding it"
+    time.sleep(1.0)  # one more report
+    hits = sum(fleet.replica_series("phi4_replica_prefix_cache_hit_tokens").values()) - hits_before
+    prefix_tokens = httpx.post(f"{fleet.url}/tokenize", json={"prompt": prefix}, headers=fleet.headers).json()["count"]
+    assert hits >= 5 * (prefix_tokens // 16 - 1) * 16  # the five after the first reused the cached blocks
+
+
+def test_a_client_that_goes_away_aborts_its_request_on_the_replica(fleet: Fleet) -> None:
+    tokens_before = sum(fleet.replica_series("phi4_replica_generation_tokens_total").values())
+    body = {"model": "microsoft/phi-4", "prompt": "A very long story", "max_tokens": 800, "stream": True}
+    with httpx.stream("POST", f"{fleet.url}/v1/completions", json=body, headers=fleet.headers, timeout=60) as r:
+        for index, _ in enumerate(r.iter_lines()):
+            if index == 10:
+                break  # and the connection closes
+    time.sleep(1.0)  # two reports after the disconnect
+    deadline = time.monotonic() + 60
+    while sum(fleet.replica_series("phi4_replica_num_requests_running").values()) > 0:
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    generated = sum(fleet.replica_series("phi4_replica_generation_tokens_total").values()) - tokens_before
+    assert generated < 800, "the replica stopped when the client left"
+
+
+def test_a_replica_killed_mid_stream_fails_only_its_requests_and_is_replaced(fleet: Fleet) -> None:
+    pids = {r["pid"] for r in fleet.health()["replicas"] if r["healthy"]}
+    assert len(pids) == 2
+    results: list[str] = []
+
+    async def stream(index: int) -> str:
+        async with httpx.AsyncClient(timeout=120) as http:
+            body = {"model": "microsoft/phi-4", "prompt": f"Story {index}", "max_tokens": 600, "stream": True}
+            text = ""
+            async with http.stream("POST", f"{fleet.url}/v1/completions", json=body, headers=fleet.headers) as r:
+                async for line in r.aiter_lines():
+                    text += line + "\n"
+            return text
+
+    async def run() -> None:
+        tasks = [asyncio.create_task(stream(i)) for i in range(4)]
+        deadline = time.monotonic() + 60
+        while sum(r["running"] for r in fleet.health()["replicas"]) < 4 and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        loads = {r["pid"]: r["running"] for r in fleet.health()["replicas"]}
+        victim = max(loads, key=loads.get)
+        os.kill(victim, signal.SIGKILL)
+        results.extend(await asyncio.gather(*tasks))
+
+    asyncio.run(run())
+    failed = [r for r in results if '"error"' in r]
+    completed = [r for r in results if '"error"' not in r]
+    assert failed and completed, "the dead replica's streams failed, the other's finished"
+    assert all(r.rstrip().endswith("data: [DONE]") for r in results)  # every stream ends properly
+    assert all("replica serving this request stopped" in r for r in failed)
+    deadline = time.monotonic() + 180  # Ray Serve starts a replacement, which reports under its own pid
+    while not {r["pid"] for r in fleet.wait_healthy(2)["replicas"] if r["healthy"]} - pids:
+        assert time.monotonic() < deadline, fleet.health()
+        time.sleep(0.5)
+    fleet.wait_healthy(2)
+    body = {"model": "microsoft/phi-4", "prompt": "Still there?", "max_tokens": 4}
+    assert httpx.post(f"{fleet.url}/v1/completions", json=body, headers=fleet.headers, timeout=60).status_code == 200
+
+
+def test_the_chat_page_and_metrics_are_served_by_the_ingress(fleet: Fleet) -> None:
+    assert "<title>phi4 chat</title>" in httpx.get(f"{fleet.url}/").text
+    assert httpx.get(f"{fleet.url}/v1/models").status_code == 401  # the key holds for the whole deployment
+    metrics = httpx.get(f"{fleet.url}/metrics").text
+    assert "phi4_requests_total" in metrics and 'phi4_replica_up{replica="' in metrics
+
+
+# The router on its own: the same workload with and without prefix affinity.
+
+def router(imbalance: int = 8):  # noqa: ANN201
+    from ray.serve._private.common import DeploymentHandleSource, DeploymentID
+
+    from phi4.cluster.router import PrefixAffinityRouter
+
+    instance = PrefixAffinityRouter(DeploymentID(name="EngineReplica", app_name="phi4"),
+                                    DeploymentHandleSource.UNKNOWN)
+    instance.initialize_state(block_size=16, imbalance=imbalance)
+    return instance
+
+
+def pending(tokens: list[int]):  # noqa: ANN201
+    from phi4.cluster.wire import WireRequest
+    from phi4.sampling_params import SamplingParams
+
+    return types.SimpleNamespace(args=["id", WireRequest(tokens, SamplingParams())], kwargs={})
+
+
+def test_prefix_affinity_reuses_more_cache_than_least_loaded_routing() -> None:
+    replicas = [types.SimpleNamespace(replica_id=f"r{i}", routing_stats={"running": 0, "waiting": 0,
+                                                                          "free_blocks": 100, "report": 0})
+                for i in range(2)]
+    prefixes = [list(range(1000 * p, 1000 * p + 128)) for p in range(4)]  # four documents, 8 blocks each
+    workload = [prefixes[i % 4] + [50_000 + i] * 5 for i in range(40)]
+
+    def cached_blocks(route) -> int:  # noqa: ANN001
+        held: dict[str, set[tuple[int, ...]]] = {"r0": set(), "r1": set()}
+        reused = 0
+        for tokens in workload:
+            replica = route(tokens)
+            blocks = {tuple(tokens[:end]) for end in range(16, len(tokens) + 1, 16)}
+            reused += len(blocks & held[replica])
+            held[replica] |= blocks
+        return reused
+
+    def choose(instance):  # noqa: ANN001, ANN202
+        return lambda tokens: asyncio.run(instance.choose_replicas(replicas, pending(tokens)))[0][0].replica_id
+
+    with_affinity = cached_blocks(choose(router()))
+    without = cached_blocks(choose(router(imbalance=-1)))  # affinity never applies: power of two choices alone
+    assert with_affinity == 36 * 8  # every document computed once, then always found
+    assert without < with_affinity
+
+
+def test_a_busy_replica_loses_its_prefixes_to_an_idle_one() -> None:
+    busy = types.SimpleNamespace(replica_id="busy", routing_stats={"running": 30, "waiting": 5, "report": 1})
+    idle = types.SimpleNamespace(replica_id="idle", routing_stats={"running": 0, "waiting": 0, "report": 1})
+    instance = router(imbalance=8)
+    tokens = list(range(64))
+    instance._owners.update({block: "busy" for block in __import__("phi4.cluster.router", fromlist=["x"])
+                             .prefix_block_hashes(tokens, 16)})
+    assert asyncio.run(instance.choose_replicas([busy, idle], pending(tokens)))[0][0] is idle
+
+
+def test_autoscaling_options_become_ray_serves_config() -> None:
+    from phi4.cluster.options import ClusterOptions
+
+    assert ClusterOptions(replicas=3).autoscaling is None  # a fixed count
+    scaling = ClusterOptions(replicas=2, min_replicas=1, max_replicas=6, target_ongoing_requests=8).autoscaling
+    assert scaling == {"min_replicas": 1, "max_replicas": 6, "initial_replicas": 2, "target_ongoing_requests": 8}
+    with pytest.raises(ValueError, match="min <= max"):
+        _ = ClusterOptions(min_replicas=4, max_replicas=2).autoscaling
+    with pytest.raises(ValueError, match="unknown phi4 deployment arguments: colour"):
+        ClusterOptions.from_args({"colour": "blue"})
+    options = ClusterOptions.from_args(ClusterOptions(replicas=2).as_args())  # a round trip through plain data
+    assert options == ClusterOptions(replicas=2)
+
+
+def test_the_kuberay_manifest_runs_the_builder_the_cli_runs() -> None:
+    import yaml
+
+    from phi4.cluster.app import ENTRY_POINT, build
+    from phi4.cluster.options import ClusterOptions
+
+    for path, config in ((DEPLOY / "rayservice.yaml", "serveConfigV2"), (DEPLOY / "serve-config.yaml", None)):
+        document = yaml.safe_load(path.read_text())
+        serve_config = yaml.safe_load(document["spec"][config]) if config else document
+        (application,) = serve_config["applications"]
+        assert application["import_path"] == ENTRY_POINT
+        module, name = ENTRY_POINT.split(":")
+        assert getattr(__import__(module, fromlist=[name]), name) is build
+        options = ClusterOptions.from_args(application["args"])  # every argument is one the CLI can set
+        assert options.model == "microsoft/phi-4" and options.replicas >= 2
+    document = yaml.safe_load((DEPLOY / "rayservice.yaml").read_text())
+    assert document["kind"] == "RayService" and document["apiVersion"] == "ray.io/v1"
+    workers = document["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]
+    assert workers["resources"]["limits"]["nvidia.com/gpu"] == "1"

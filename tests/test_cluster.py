@@ -271,12 +271,13 @@ def test_prefix_affinity_reuses_more_cache_than_least_loaded_routing() -> None:
 
 
 def test_a_busy_replica_loses_its_prefixes_to_an_idle_one() -> None:
+    from phi4.cluster.router import prefix_block_hashes
+
     busy = types.SimpleNamespace(replica_id="busy", routing_stats={"running": 30, "waiting": 5, "report": 1})
     idle = types.SimpleNamespace(replica_id="idle", routing_stats={"running": 0, "waiting": 0, "report": 1})
     instance = router(imbalance=8)
     tokens = list(range(64))
-    instance._owners.update({block: "busy" for block in __import__("phi4.cluster.router", fromlist=["x"])
-                             .prefix_block_hashes(tokens, 16)})
+    instance._owners.update({block: "busy" for block in prefix_block_hashes(tokens, 16)})
     assert asyncio.run(instance.choose_replicas([busy, idle], pending(tokens)))[0][0] is idle
 
 

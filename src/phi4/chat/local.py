@@ -11,8 +11,6 @@ import threading
 import time
 from pathlib import Path
 
-import httpx
-
 from phi4.server.serve import ServeOptions, build_server
 
 
@@ -38,16 +36,13 @@ class LocalServer:
         self.loading.start()
         self._thread.start()
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.loading.error is not None:
-                raise RuntimeError(f"could not load the model: {self.loading.error}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        raise TimeoutError(f"the model was not ready within {timeout:.0f} s")
+        self.loading.wait(timeout)
+        if self.loading.error is not None:
+            raise RuntimeError(f"could not load the model: {self.loading.error}")
+        while not (self.loading.state is not None and self.server.started):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the model was not ready within {timeout:.0f} s")
+            time.sleep(0.05)
 
     def stop(self) -> None:
         self.server.should_exit = True

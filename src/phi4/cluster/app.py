@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import threading
 from typing import Any
@@ -65,16 +66,12 @@ class Phi4Ingress:
     def __serve_build_asgi_app__(self):  # noqa: ANN204 - Ray Serve's hook: the ASGI app, built on the replica
         from phi4.server.app import create_app
 
-        app = create_app(self.loading, body_timeout=self.options.body_timeout)
-
-        @app.on_event("startup")
-        async def start_refreshing() -> None:
-            self._refresher = asyncio.create_task(self._refresh_forever())
-
-        return app
+        return create_app(self.loading, body_timeout=self.options.body_timeout)
 
     async def check_health(self) -> None:
-        if self._refresher is None:  # Ray Serve's health check runs on the replica's loop: start here too
+        """Ray Serve calls this every `health_check_period_s` on the loop that serves requests; the first
+        call starts the fleet view's refresh there."""
+        if self._refresher is None:
             self._refresher = asyncio.create_task(self._refresh_forever())
         if self.loading.error is not None:
             raise RuntimeError(f"the ingress could not start: {self.loading.error}")
@@ -116,9 +113,9 @@ def serve_cluster(options: ClusterOptions, host: str, port: int, ray_address: st
     """`phi4 serve --replicas ...`: join a Ray cluster (or start a local one), run the application until a
     signal, then take it down (and the local Ray with it)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cache = os.environ.get("PHI4_CACHE")  # where the demo checkpoint and the CPU kernels are built
     ray.init(address=ray_address, namespace="phi4", log_to_driver=True,
-             runtime_env={"env_vars": {"PHI4_CACHE": __import__("os").environ.get("PHI4_CACHE", "")}}
-             if __import__("os").environ.get("PHI4_CACHE") else None)
+             runtime_env={"env_vars": {"PHI4_CACHE": cache}} if cache else None)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())

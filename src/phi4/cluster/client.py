@@ -7,12 +7,9 @@ error event and `[DONE]`); closing a stream cancels it on its replica."""
 
 from __future__ import annotations
 
-import asyncio
 from collections import deque
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from ray import serve
 from ray.exceptions import RayError
@@ -20,14 +17,12 @@ from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
 from phi4.cluster.fleet import FleetView
 from phi4.cluster.wire import WireRequest
-from phi4.engine.client import EngineRequest, PreparedRequest, PromptInput, RequestOutput, RequestPreparer
+from phi4.engine.client import PreparedRequest, PreparingClient, RequestOutput, RequestPreparer
 from phi4.engine.engine import EngineStats, validate_request
 from phi4.errors import RequestFailedError
 from phi4.model.loader import resolve_checkpoint
 from phi4.structured.service import GrammarService
 from phi4.tokenizer import Tokenizer
-
-T = TypeVar("T")
 
 
 class ReplicaLostError(RequestFailedError):
@@ -72,7 +67,7 @@ class _FleetStream:
         self._response.cancel()  # Ray Serve cancels the replica's generator: the engine aborts the request
 
 
-class RayEngineClient:
+class RayEngineClient(PreparingClient):
     def __init__(self, handle: DeploymentHandle, model: str, fleet: FleetView, info: dict[str, Any]) -> None:
         checkpoint = Path(resolve_checkpoint(model))
         self.tokenizer = Tokenizer(checkpoint)
@@ -80,8 +75,7 @@ class RayEngineClient:
         self.vocab_size = int(info["vocab_size"])
         grammars = GrammarService(checkpoint / "tokenizer.json", self.vocab_size,
                                   frozenset(info["eos_token_ids"]), self.tokenizer.token_bytes)
-        self._preparer = RequestPreparer(self.tokenizer, grammars, self._validate)
-        self._workers = ThreadPoolExecutor(4, thread_name_prefix="phi4-prepare")
+        super().__init__(RequestPreparer(self.tokenizer, grammars, self._validate))
         self._handle = handle.options(stream=True)
         self.fleet = fleet
         self.open_streams: set[_FleetStream] = set()
@@ -89,15 +83,6 @@ class RayEngineClient:
 
     def _validate(self, prompt: list[int], params: Any) -> None:  # noqa: ANN401 - SamplingParams
         validate_request(prompt, params, self.vocab_size, self.max_model_len)
-
-    async def _off_loop(self, function: Callable[..., T], *args: Any) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._workers, function, *args)
-
-    async def prepare(self, request: EngineRequest) -> PreparedRequest:
-        return await self._off_loop(self._preparer.prepare, request)
-
-    async def tokenize(self, prompt: PromptInput) -> list[int]:
-        return await self._off_loop(self._preparer.tokenize, prompt)
 
     def generate(self, request_id: str, request: PreparedRequest) -> _FleetStream:
         response = self._handle.generate.remote(request_id, WireRequest.from_prepared(request))

@@ -35,7 +35,7 @@ from phi4.tokenizer import Tokenizer
 
 logger = logging.getLogger("phi4.engine")
 __all__ = ["EngineClient", "EngineRequest", "EngineStats", "InProcessEngine", "OutputStream", "PreparedRequest",
-           "RequestOutput", "RequestPreparer", "TokenLogprob"]  # all the server needs of the engine
+           "PreparingClient", "RequestOutput", "RequestPreparer", "TokenLogprob"]  # all the server needs
 T = TypeVar("T")
 Messages = list[dict[str, Any]]
 PromptInput = Union[list[int], str, Messages]
@@ -131,6 +131,24 @@ class EngineClient(Protocol):
     def shutdown(self) -> None: ...
 
 
+class PreparingClient:
+    """`prepare` and `tokenize` on a pool of worker threads, never on the event loop: the part of an
+    EngineClient that is the same in one process and in front of a fleet (phi4/cluster)."""
+
+    def __init__(self, preparer: RequestPreparer, workers: int = 4) -> None:
+        self._preparer = preparer
+        self._workers = ThreadPoolExecutor(workers, thread_name_prefix="phi4-prepare")
+
+    async def _off_loop(self, function: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._workers, function, *args)
+
+    async def prepare(self, request: EngineRequest) -> PreparedRequest:
+        return await self._off_loop(self._preparer.prepare, request)
+
+    async def tokenize(self, prompt: PromptInput) -> list[int]:
+        return await self._off_loop(self._preparer.tokenize, prompt)
+
+
 @dataclass
 class _Submission:
     request_id: str
@@ -179,16 +197,15 @@ def _deliver(batch: list[tuple[asyncio.Queue, RequestOutput]]) -> None:
         queue.put_nowait(output)
 
 
-class InProcessEngine:
+class InProcessEngine(PreparingClient):
     """An LLMEngine in this process, its loop on a thread of its own."""
 
     def __init__(self, engine: LLMEngine, prepare_workers: int = 4) -> None:
+        super().__init__(RequestPreparer(engine.tokenizer, engine.grammars, engine.validate), prepare_workers)
         self.engine = engine
         self.tokenizer = engine.tokenizer
         self.max_model_len = engine.max_model_len
         self.vocab_size = engine.model_config.vocab_size
-        self._preparer = RequestPreparer(engine.tokenizer, engine.grammars, engine.validate)
-        self._workers = ThreadPoolExecutor(prepare_workers, thread_name_prefix="phi4-prepare")
         self._pending: deque[_Submission | str | _CancelAll] = deque()  # new requests, ids to abort, cancel
         self._streams: dict[str, _Submission] = {}
         self._stats = engine.stats()
@@ -200,15 +217,6 @@ class InProcessEngine:
 
     def new_request_id(self, prefix: str) -> str:
         return f"{prefix}-{next(self._ids)}"
-
-    async def _off_loop(self, function: Callable[..., T], *args: Any) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._workers, function, *args)
-
-    async def prepare(self, request: EngineRequest) -> PreparedRequest:
-        return await self._off_loop(self._preparer.prepare, request)
-
-    async def tokenize(self, prompt: PromptInput) -> list[int]:
-        return await self._off_loop(self._preparer.tokenize, prompt)
 
     def generate(self, request_id: str, request: PreparedRequest) -> _Stream:
         submission = _Submission(request_id, request, asyncio.get_running_loop(), asyncio.Queue())

@@ -21,6 +21,11 @@ import torch
 import triton
 import triton.language as tl
 
+# fp8 products on Hopper accumulate in reduced precision unless promoted to float32: Triton's default for
+# fp8 never promotes; promoting every 32 products is what cuBLAS does for torch._scaled_mm without fast
+# accumulation, so the invariant fp8 matmul and _scaled_mm do the same arithmetic.
+FP8_PROMOTE_EVERY = 32
+
 
 @triton.jit
 def _add_rms_norm_kernel(x_ptr, residual_ptr, weight_ptr, out_ptr, sum_ptr, hidden, eps,
@@ -112,7 +117,8 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rope_rows: tor
 @triton.jit(do_not_specialize=["M"])  # one compiled kernel for every row count
 def _matmul_kernel(a_ptr, w_ptr, c_ptr, a_scale_ptr, w_scale_ptr, M, N, K, stride_am, stride_wn, stride_cm,
                    k_per_split, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                   GROUP_M: tl.constexpr, PRECISION: tl.constexpr, SCALED: tl.constexpr):
+                   GROUP_M: tl.constexpr, PRECISION: tl.constexpr, SCALED: tl.constexpr,
+                   IMPRECISE_ACC: tl.constexpr):
     # Grouped launch order: neighbouring programs share weight tiles, which then come from L2.
     pid = tl.program_id(0)
     split = tl.program_id(1)
@@ -136,7 +142,7 @@ def _matmul_kernel(a_ptr, w_ptr, c_ptr, a_scale_ptr, w_scale_ptr, M, N, K, strid
                     other=0.0)
         w = tl.load(w_ptr + cols[None, :] * stride_wn + (k0 + ks)[:, None], mask=(cols[None, :] < N) & k_valid[:, None],
                     other=0.0)
-        acc = tl.dot(a, w, acc, input_precision=PRECISION)
+        acc = tl.dot(a, w, acc, input_precision=PRECISION, max_num_imprecise_acc=IMPRECISE_ACC)
     if SCALED:  # fp8: a row scale per token, a column scale per output channel, as torch._scaled_mm applies them
         acc = acc * tl.load(a_scale_ptr + rows, mask=rows < M, other=0.0)[:, None]
         acc = acc * tl.load(w_scale_ptr + cols, mask=cols < N, other=0.0)[None, :]
@@ -206,7 +212,8 @@ def matmul(x: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dtype | None 
         assert weight_scale is not None and out_dtype is not None, "fp8 products need both scales and an out_dtype"
     _matmul_kernel[grid](x, weight, target, x_scale if scaled else x, weight_scale if scaled else weight, m, n, k,
                          x.stride(0), weight.stride(0), n, plan.k_per_split,
-                         PRECISION="ieee" if x.dtype == torch.float32 else "tf32", SCALED=scaled, **plan.launch)
+                         PRECISION="ieee" if x.dtype == torch.float32 else "tf32", SCALED=scaled,
+                         IMPRECISE_ACC=FP8_PROMOTE_EVERY if scaled else 0, **plan.launch)
     if splits > 1:
         block = 1024
         _sum_splits_kernel[(triton.cdiv(m * n, block),)](target, out, m * n, SPLITS=splits, BLOCK=block)

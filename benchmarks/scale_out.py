@@ -15,56 +15,24 @@ import argparse
 import asyncio
 import json
 import os
-import signal
-import socket
 import subprocess
-import sys
-import time
 
 import httpx
-from serve_load import drive, workload  # benchmarks/serve_load.py: the lean streaming clients
+from serve_load import drive, start_server, stop_server, workload  # benchmarks/serve_load.py
 
 from phi4.bench import cpu_name
 
 
 def start(extra: list[str], threads: int | None) -> tuple[subprocess.Popen, str]:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
     env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0")
     if threads is not None:
         env["OMP_NUM_THREADS"] = str(threads)
-    process = subprocess.Popen([sys.executable, "-m", "phi4.cli", "serve", "--model", "demo", "--host", "127.0.0.1",
-                                "--port", str(port), "--no-prefix-caching", "--max-model-len", "1024", *extra],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        try:
-            response = httpx.get(f"{url}/health", timeout=2)
-            if response.status_code == 200 and (response.headers.get("content-type", "").startswith("text")
-                                                or response.json()["healthy_replicas"] >= replicas_in(extra)):
-                return process, url
-        except (httpx.HTTPError, ValueError):
-            pass
-        time.sleep(0.5)
-    stop(process)
-    raise TimeoutError(f"phi4 serve {' '.join(extra)} did not become healthy")
+    replicas = int(extra[extra.index("--replicas") + 1]) if "--replicas" in extra else 0
 
+    def every_replica_up(response: httpx.Response) -> bool:  # a fleet's /health is JSON, one process's text
+        return not replicas or response.json()["healthy_replicas"] >= replicas
 
-def replicas_in(extra: list[str]) -> int:
-    return int(extra[extra.index("--replicas") + 1]) if "--replicas" in extra else 1
-
-
-def stop(process: subprocess.Popen) -> None:
-    process.send_signal(signal.SIGTERM)
-    try:
-        process.wait(timeout=90)
-    finally:
-        try:
-            os.killpg(process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+    return start_server(("--max-model-len", "1024", *extra), env, every_replica_up, timeout=300)
 
 
 def measure(name: str, extra: list[str], threads: int | None, prompts: list[list[int]], args: argparse.Namespace
@@ -74,7 +42,7 @@ def measure(name: str, extra: list[str], threads: int | None, prompts: list[list
         asyncio.run(drive(url, prompts[:4], 4, 4, 60))  # warm-up: every replica compiles and allocates
         figures = asyncio.run(drive(url, prompts, args.clients, args.output_tokens, args.max_seconds))
     finally:
-        stop(process)
+        stop_server(process)
     line = {"arm": name, **{k: round(v, 2) for k, v in figures.items()}}
     print(json.dumps(line), flush=True)
     return line

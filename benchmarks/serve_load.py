@@ -20,11 +20,13 @@ import json
 import os
 import random
 import re
+import signal
 import socket
 import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 
 import httpx
 
@@ -106,25 +108,43 @@ async def drive(url: str, prompts: list[list[int]], clients: int, output_tokens:
             "itl_mean_ms": 1000 * statistics.fmean(itl) if itl else float("nan")}
 
 
-def start_server() -> tuple[subprocess.Popen, str]:
+def start_server(extra_args: tuple[str, ...] = (), env: dict[str, str] | None = None,
+                 ready: Callable[[httpx.Response], bool] = lambda response: True,
+                 timeout: float = 180) -> tuple[subprocess.Popen, str]:
+    """`phi4 serve --model demo --no-prefix-caching` on a free loopback port, once /health answers 200 and
+    `ready` accepts its answer; the server leads a process group of its own (see `stop_server`)."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     process = subprocess.Popen(
         [sys.executable, "-m", "phi4.cli", "serve", "--model", "demo", "--host", "127.0.0.1", "--port", str(port),
-         "--no-prefix-caching"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ.copy(),
+         "--no-prefix-caching", *extra_args],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env or os.environ.copy(), start_new_session=True,
     )
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+            response = httpx.get(f"{url}/health", timeout=2)
+            if response.status_code == 200 and ready(response):
                 return process, url
-        except httpx.HTTPError:
-            time.sleep(0.2)
-    process.kill()
-    raise TimeoutError("the server did not become healthy")
+        except (httpx.HTTPError, ValueError):
+            pass
+        time.sleep(0.2)
+    stop_server(process)
+    raise TimeoutError(f"phi4 serve {' '.join(extra_args)} did not become healthy")
+
+
+def stop_server(process: subprocess.Popen) -> None:
+    """SIGTERM to the server, then nothing left of its process group (Ray's workers, with --replicas)."""
+    process.terminate()
+    try:
+        process.wait(timeout=90)
+    finally:
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def main() -> None:
@@ -142,8 +162,7 @@ def main() -> None:
         asyncio.run(drive(url, prompts[:2], 2, 4, 60))  # warm-up
         figures = asyncio.run(drive(url, prompts, args.clients, args.output_tokens, args.max_seconds))
     finally:
-        process.terminate()
-        process.wait(timeout=60)
+        stop_server(process)
     print(json.dumps({"figure": "serve_load", "clients": args.clients, "prompt_tokens": args.prompt_tokens,
                       "output_tokens": args.output_tokens, **{k: round(v, 2) for k, v in figures.items()},
                       "offline_output_tok_s": round(offline, 2),

@@ -7,6 +7,7 @@ closing the engine stream aborts the request in the engine."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import threading
@@ -60,7 +61,10 @@ class EngineReplica:
         whatever came in each `stream_interval` (every streamed item costs a Ray message, so one per token
         would spend the CPU the engine needs), and the last at once."""
         self.requests += 1
-        stream = self.engine.generate(request_id, request.prepared())
+        grammars = self.engine.engine.grammars
+        prepared = await asyncio.to_thread(request.prepared, grammars) if request.params.grammar is not None \
+            else request.prepared(grammars)  # compiling may take a while: not on the replica's event loop
+        stream = self.engine.generate(request_id, prepared)
         batch: list[RequestOutput] = []
         sent_first = False
         last_sent = time.monotonic()

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from phi4.engine.client import PreparedRequest
 from phi4.sampling_params import SamplingParams
+from phi4.structured.service import GrammarService
 
 
 @dataclass(frozen=True)
@@ -19,5 +20,7 @@ class WireRequest:
     def from_prepared(cls, request: PreparedRequest) -> WireRequest:
         return cls(request.prompt_token_ids, request.params, request.thinking)
 
-    def prepared(self) -> PreparedRequest:
-        return PreparedRequest(self.prompt_token_ids, self.params, None, self.thinking)
+    def prepared(self, grammars: GrammarService) -> PreparedRequest:
+        """The request as the replica's engine takes it, its grammar compiled (a cache hit but the first time)."""
+        grammar = grammars.compile(self.params.grammar) if self.params.grammar is not None else None
+        return PreparedRequest(self.prompt_token_ids, self.params, grammar, self.thinking)

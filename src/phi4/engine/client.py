@@ -248,7 +248,7 @@ class InProcessEngine(PreparingClient):
         engine = self.engine
         while not self._stopping:
             self._apply_pending()
-            self._stats = engine.stats()
+            self._stats = engine.stats()  # published once per step (the previous step's result included)
             if not engine.has_unfinished_requests():
                 self._wakeup.wait()
                 self._wakeup.clear()
@@ -271,7 +271,6 @@ class InProcessEngine(PreparingClient):
                 batches.setdefault(submission.loop, []).append((submission.queue, output))
             for loop, batch in batches.items():
                 loop.call_soon_threadsafe(_deliver, batch)
-            self._stats = engine.stats()
 
     def _apply_pending(self) -> None:
         while self._pending:
@@ -284,8 +283,8 @@ class InProcessEngine(PreparingClient):
             else:
                 try:
                     request = item.request
-                    self.engine.add_request(request.prompt_token_ids, request.params, item.request_id,
-                                            grammar=request.grammar)
+                    self.engine.add_prepared(item.request_id, request.prompt_token_ids, request.params,
+                                             request.grammar)
                 except Exception as exc:  # noqa: BLE001 - validated already; anything left is its own
                     item.loop.call_soon_threadsafe(item.queue.put_nowait, exc)
                     continue

@@ -141,18 +141,20 @@ class LLMEngine:
 
     def add_request(
         self, prompt: str | list[int], params: SamplingParams | None = None, request_id: str | None = None,
-        grammar: CompiledGrammar | None = None,
     ) -> str:
-        """Queue a request. Its grammar is `params.grammar` compiled here, unless `grammar` (compiled already,
-        when the request was prepared) is given."""
+        """Validate and queue a request; its grammar is `params.grammar`, compiled here."""
         params = params or SamplingParams()
         prompt_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         self.validate(prompt_ids, params)
-        if grammar is None and params.grammar is not None:
-            grammar = self.grammars.compile(params.grammar)
+        grammar = self.grammars.compile(params.grammar) if params.grammar is not None else None
         if request_id is None:
             request_id = f"req-{self._next_request_id}"
             self._next_request_id += 1
+        return self.add_prepared(request_id, prompt_ids, params, grammar)
+
+    def add_prepared(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
+                     grammar: CompiledGrammar | None) -> str:
+        """Queue a request validated and compiled already (by the engine client's preparer, off this thread)."""
         if request_id in self._sequences:
             raise InvalidRequestError(f"request id {request_id!r} is already in use", "request_id")
         seed = params.seed if params.seed is not None else secrets.randbits(63)

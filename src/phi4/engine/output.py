@@ -4,6 +4,9 @@ Per token: advance the grammar, decide whether the request stops (EOS, stop toke
 max_tokens, the end of the context), detokenize (the EOS or stop token that ends a request is counted but
 never shown), cut at a stop string, and hold back a tail that could still grow into one. It runs for one
 request at a time, so that whatever goes wrong with one request's text or grammar ends that request alone.
+
+Only the text not yet reported is kept: a stop string can only begin there (the reported text never ends
+in a possible start of one), so the work per token does not grow with the length of the answer.
 """
 
 from __future__ import annotations
@@ -22,9 +25,7 @@ class RequestState:
 
     detokenizer: IncrementalDetokenizer
     constraint: Constraint | None = None
-    text: str = ""  # the visible text so far, cut before a stop string once one appears
-    num_emitted_chars: int = 0  # how much of `text` has been reported; the rest may begin a stop string
-    finish_reason: str | None = None
+    held: str = ""  # text decoded but not reported yet: it may be the beginning of a stop string
 
 
 class OutputProcessor:
@@ -38,19 +39,16 @@ class OutputProcessor:
             state.constraint.consume(token)
         reason = self._stop_reason(seq, state, token)
         stops = seq.params.stop
+        text = state.held
         if not (reason == "stop" and (token in seq.params.stop_token_ids or token in self.eos_token_ids)):
-            state.text += state.detokenizer.push([token])
+            text += state.detokenizer.push([token])
         if reason is not None:
-            state.text += state.detokenizer.flush()
-        if stops and (cut := _find_stop_string(state.text, stops, state.num_emitted_chars)) >= 0:
-            state.text = state.text[:cut]
-            reason = "stop"
-        visible_end = len(state.text) if reason is not None else (
-            len(state.text) - _stop_prefix_length(state.text, stops, state.num_emitted_chars))
-        new_text = state.text[state.num_emitted_chars : visible_end]
-        state.num_emitted_chars = max(state.num_emitted_chars, visible_end)
-        state.finish_reason = reason
-        return output(seq, [token], new_text, [logprob] if logprob is not None else [], reason)
+            text += state.detokenizer.flush()
+        if stops and (cut := _find_stop_string(text, stops)) >= 0:
+            text, reason = text[:cut], "stop"
+        visible = len(text) if reason is not None else len(text) - _stop_prefix_length(text, stops)
+        state.held = text[visible:]
+        return output(seq, [token], text[:visible], [logprob] if logprob is not None else [], reason)
 
     def _stop_reason(self, seq: Sequence, state: RequestState, token: int) -> str | None:
         params = seq.params
@@ -85,17 +83,17 @@ def output(seq: Sequence, new_tokens: list[int], new_text: str, new_logprobs: li
     )
 
 
-def _find_stop_string(text: str, stops: tuple[str, ...], start: int) -> int:
-    """Where the earliest stop string begins in text[start:] (absolute index), or -1."""
-    found = [i for i in (text.find(stop, start) for stop in stops) if i >= 0]
+def _find_stop_string(text: str, stops: tuple[str, ...]) -> int:
+    """Where the earliest stop string begins in `text`, or -1."""
+    found = [i for i in (text.find(stop) for stop in stops) if i >= 0]
     return min(found, default=-1)
 
 
-def _stop_prefix_length(text: str, stops: tuple[str, ...], start: int) -> int:
-    """Length of the longest tail of text[start:] that could still grow into a stop string: held back."""
+def _stop_prefix_length(text: str, stops: tuple[str, ...]) -> int:
+    """Length of the longest tail of `text` that could still grow into a stop string: held back."""
     longest = 0
     for stop in stops:
-        for length in range(min(len(stop) - 1, len(text) - start), longest, -1):
+        for length in range(min(len(stop) - 1, len(text)), longest, -1):
             if text.endswith(stop[:length]):
                 longest = length
                 break

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from phi4.model import cpu_kernels
 from phi4.sampling_params import SamplingParams
 from phi4.structured.constraint import BatchMasks
 
@@ -107,8 +108,6 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow],
 def _argmax(logits: torch.Tensor) -> torch.Tensor:
     if logits.is_cuda:
         return logits.argmax(dim=-1)
-    from phi4.model import cpu_kernels
-
     return cpu_kernels.argmax(logits.contiguous())
 
 
@@ -221,7 +220,8 @@ def _logprobs(raw: torch.Tensor, token_ids: list[int], rows: list[SamplingRow]) 
     results: list[TokenLogprob | None] = [None] * len(rows)
     if wanted:
         index = torch.tensor(wanted, device=raw.device)
-        computed = token_logprobs(raw[index], [token_ids[i] for i in wanted], [rows[i].params.logprobs or 0 for i in wanted])
+        computed = token_logprobs(raw[index], [token_ids[i] for i in wanted],
+                                  [rows[i].params.logprobs or 0 for i in wanted])
         for i, entry in zip(wanted, computed):
             results[i] = entry
     return results

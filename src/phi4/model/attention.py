@@ -17,6 +17,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from phi4.model import cpu_kernels
 from phi4.model.layers import RotaryEmbedding
 
 
@@ -200,8 +201,6 @@ class CpuPagedAttention(PagedAttention):
     def forward_qkv(self, qkv: torch.Tensor, rope_rows: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                     metadata: AttentionMetadata) -> torch.Tensor:
         """qkv [T, (heads + 2 kv_heads) * head_dim] from the projection -> attention output [T, heads * head_dim]."""
-        from phi4.model import cpu_kernels
-
         rotary = self.rotary
         cpu_kernels.rotary_and_cache(qkv, self.num_heads, self.num_kv_heads, self.head_dim, rotary.rotary_dim,
                                      rotary.cos, rotary.sin, rope_rows, metadata.slot_mapping, k_cache, v_cache)
@@ -211,14 +210,12 @@ class CpuPagedAttention(PagedAttention):
         return cpu_kernels.attention(qkv, k_cache, v_cache, plan, self.num_heads, self.num_kv_heads, self.head_dim,
                                      self.scale, metadata.block_size)
 
-    def plan(self, metadata: AttentionMetadata, dtype: torch.dtype) -> Any:
-        from phi4.model.cpu_kernels import AttentionPlan
-
+    def plan(self, metadata: AttentionMetadata, dtype: torch.dtype) -> cpu_kernels.AttentionPlan:
         starts = [0]
         for query_len in metadata.query_lens:
             starts.append(starts[-1] + query_len)
         width = max(len(table) for table in metadata.block_tables)
         tables = [table + [0] * (width - len(table)) for table in metadata.block_tables]
-        return AttentionPlan(torch.tensor(starts, dtype=torch.int32),
+        return cpu_kernels.AttentionPlan(torch.tensor(starts, dtype=torch.int32),
                              torch.tensor(metadata.context_lens, dtype=torch.int32),
                              torch.tensor(tables, dtype=torch.int32))

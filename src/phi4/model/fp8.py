@@ -9,7 +9,9 @@ dtype, as vLLM does: it decides every token.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
+from types import ModuleType
 
 import torch
 
@@ -41,13 +43,20 @@ def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (x / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
 
 
+@functools.cache
+def _triton_ops() -> ModuleType:
+    """phi4's Triton kernels, imported on first use (Triton is there only with CUDA), then from this cache:
+    an import statement in a function costs microseconds on every call, here once per layer and step."""
+    from phi4.model import triton_ops
+
+    return triton_ops
+
+
 def fp8_linear(x: torch.Tensor, weight: Fp8Weight, batch_invariant: bool) -> torch.Tensor:
     """On CUDA: the Triton matmul when batch-invariant, else cuBLASLt through `_scaled_mm`."""
     values, scale = quantize_activations(x)
     if batch_invariant:  # cuBLASLt picks its kernel by row count; Triton's tiles do not move
-        from phi4.model import triton_ops
-
-        return triton_ops.matmul(values, weight.values, x.dtype, scale, weight.scale)
+        return _triton_ops().matmul(values, weight.values, x.dtype, scale, weight.scale)
     rows = x.shape[0]
     padding = -rows % 16  # cuBLASLt's fp8 kernels want every dimension a multiple of 16
     if padding:

@@ -15,12 +15,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from phi4.config import ModelConfig
+from phi4.model import cpu_kernels
 from phi4.model.attention import AttentionMetadata, CpuPagedAttention, TorchPagedAttention
 from phi4.model.fp8 import Fp8Weight, fp8_linear, quantize_activations
 from phi4.model.layers import RotaryEmbedding, add_rms_norm, silu_and_mul
 
 if TYPE_CHECKING:
-    from phi4.model.cpu_kernels import PackedWeight
     from phi4.model.triton_attention import TritonPagedAttention
 
 
@@ -60,7 +60,8 @@ class Linear(nn.Module):
         super().__init__()
         self.weight = _weight(out_features, in_features)
         self.fp8: Fp8Weight | None = None  # set by prepare(quantization="fp8"), which then drops `weight`
-        self.packed: PackedWeight | None = None  # on CPU: the weight as phi4's kernels read it (drops the rest)
+        # on CPU: the weight as phi4's kernels read it (the other forms are dropped)
+        self.packed: cpu_kernels.PackedWeight | None = None
 
 
 class Embedding(nn.Module):
@@ -112,7 +113,8 @@ class Phi3ForCausalLM(nn.Module):
         self.batch_invariant = False
         self.compute_dtype = torch.float32  # activations and KV cache; weights may be stored narrower
         # The kernels, chosen by prepare() for the device: the model below reads the same on every one.
-        self._embed: Callable[[torch.Tensor], torch.Tensor] = lambda ids: F.embedding(ids, self.model.embed_tokens.weight)
+        self._embed: Callable[[torch.Tensor], torch.Tensor] = \
+            lambda ids: F.embedding(ids, self.model.embed_tokens.weight)
         self._project: Callable[[torch.Tensor, Linear], torch.Tensor] = self._project_dense
         self._linear: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.linear
         self._lm_head: Callable[[torch.Tensor], torch.Tensor] = lambda hidden: hidden
@@ -120,7 +122,7 @@ class Phi3ForCausalLM(nn.Module):
         self._silu_and_mul = silu_and_mul
         self._rotate: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = lambda x, rows: x
         self._attend: Callable[..., torch.Tensor] = self._rotate_and_attend
-        self._packed_head: PackedWeight | None = None
+        self._packed_head: cpu_kernels.PackedWeight | None = None
 
     def prepare(self, batch_invariant: bool = True, quantization: str | None = None,
                 attention_backend: str = "auto") -> None:
@@ -176,8 +178,6 @@ class Phi3ForCausalLM(nn.Module):
         Norm weights become float32; the embedding table stays as stored (rows are widened as they are
         looked up); a tied head is packed once and the embedding rows read from it.
         """
-        from phi4.model import cpu_kernels
-
         for module in self.modules():
             if isinstance(module, Norm):
                 module.weight = nn.Parameter(module.weight.detach().float(), requires_grad=False)
@@ -243,8 +243,6 @@ class Phi3ForCausalLM(nn.Module):
 
     @staticmethod
     def _project_packed(x: torch.Tensor, module: Linear) -> torch.Tensor:
-        from phi4.model import cpu_kernels
-
         packed = module.packed
         assert packed is not None
         if packed.scale is not None:  # float8 weights: activations quantized per token, as on a GPU

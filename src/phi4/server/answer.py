@@ -10,6 +10,9 @@ reader fed once), so the two can never disagree:
   their arguments stream as they come. An answer that begins with text is text, but a whole line in it
   that is a valid call to a declared function becomes a call too (a preamble stays content); a line that
   only starts like one is held back until it shows which it is.
+
+The text read so far is kept as lists of pieces, joined when asked for: appending to a string attribute
+copies all of it, once per token.
 """
 
 from __future__ import annotations
@@ -49,11 +52,11 @@ class AnswerReader:
     reasoning_tags: ReasoningTags | None = None
     tool_names: frozenset[str] | None = None  # None: no tools
     thinking: bool = False  # the prompt ended with the open tag: the answer begins inside it
-    reasoning: str = ""
-    content: str = ""
     calls: list[ParsedToolCall] = field(default_factory=list)
-    _raw: str = ""  # everything fed
-    _answer_start: int | None = None  # where the answer begins in it, once known
+    _reasoning: list[str] = field(default_factory=list)
+    _content: list[str] = field(default_factory=list)
+    _at_line_start: bool = True  # the content so far is empty or ends with a newline
+    _answer: list[str] = field(default_factory=list)  # everything fed since the answer began (after thinking)
     _pending: str = ""  # text not yet assigned (a tag or a line still undecided)
     _phase: str = "start"  # start -> (thinking ->) answer
     _mode: str | None = None  # the answer's mode once known: "text" or "calls"
@@ -66,12 +69,21 @@ class AnswerReader:
             self._phase = "thinking"
 
     @property
+    def reasoning(self) -> str:
+        return "".join(self._reasoning)
+
+    @property
+    def content(self) -> str:
+        return "".join(self._content)
+
+    @property
     def answer_text(self) -> str:
         """The answer as written (after any thinking): what stays text when calls were cut short."""
-        return self._raw[self._answer_start or 0 :] if self._answer_start is not None else ""
+        return "".join(self._answer)
 
     def feed(self, piece: str, final: bool = False) -> list[AnswerEvent]:
-        self._raw += piece
+        if self._phase == "answer":
+            self._answer.append(piece)
         self._pending += piece
         events: list[AnswerEvent] = []
         if self._phase == "start":
@@ -82,34 +94,38 @@ class AnswerReader:
             elif tag.startswith(stripped) and not final:
                 return events
             else:
-                self._phase = "answer"
+                self._begin_answer()
         if self._phase == "thinking":
             close = self.reasoning_tags.close  # type: ignore[union-attr]
             end = self._pending.find(close)
             if end < 0:
                 keep = 0 if final else _held_tail(self._pending, close)
-                text, self._pending = self._pending[: len(self._pending) - keep], self._pending[len(self._pending) - keep :]
+                split = len(self._pending) - keep
+                text, self._pending = self._pending[:split], self._pending[split:]
                 if text:
-                    self.reasoning += text
+                    self._reasoning.append(text)
                     events.append(AnswerEvent("reasoning", text))
                 return events
             text, self._pending = self._pending[:end], self._pending[end + len(close) :]
             if text:
-                self.reasoning += text
+                self._reasoning.append(text)
                 events.append(AnswerEvent("reasoning", text))
             self._phase = "after_thinking"
         if self._phase == "after_thinking":  # the blank lines between thinking and answer belong to neither
             self._pending = self._pending.lstrip()
             if not self._pending and not final:
                 return events
-            self._phase = "answer"
-        if self._answer_start is None and self._phase == "answer":
-            self._answer_start = len(self._raw) - len(self._pending)
-        return events + self._answer(final)
+            self._begin_answer()
+        return events + self._read_answer(final)
 
-    def _answer(self, final: bool) -> list[AnswerEvent]:
+    def _begin_answer(self) -> None:
+        """The answer begins with what is still unassigned; later pieces are appended as they are fed."""
+        self._phase = "answer"
+        self._answer.append(self._pending)
+
+    def _read_answer(self, final: bool) -> list[AnswerEvent]:
         if self.tool_names is None:
-            return self._content(self._take(len(self._pending)))
+            return self._add_content(self._take(len(self._pending)))
         if self._mode is None:
             if self._pending.startswith(CALL_OPEN):
                 self._mode = "calls"
@@ -124,22 +140,21 @@ class AnswerReader:
     def _text_with_calls(self, final: bool) -> list[AnswerEvent]:
         events: list[AnswerEvent] = []
         while self._pending:
-            line_start = len(self.content) == 0 or self.content.endswith("\n")
-            if line_start and (self._pending.startswith(CALL_OPEN) or CALL_OPEN.startswith(self._pending)):
+            if self._at_line_start and (self._pending.startswith(CALL_OPEN) or CALL_OPEN.startswith(self._pending)):
                 end = self._pending.find("\n")
                 if end < 0 and not final:
                     return events  # a line that may be a call: wait for its end
                 line = self._take(len(self._pending) if end < 0 else end + 1)
                 call = parse_call_line(line, self.tool_names or frozenset())
                 if call is None:
-                    events += self._content(line)
+                    events += self._add_content(line)
                 else:
                     self.calls.append(call)
                     events += [AnswerEvent("call", index=len(self.calls) - 1, call=call),
                                AnswerEvent("arguments", call.arguments, len(self.calls) - 1)]
                 continue
             end = self._pending.find("\n")
-            events += self._content(self._take(len(self._pending) if end < 0 else end + 1))
+            events += self._add_content(self._take(len(self._pending) if end < 0 else end + 1))
         return events
 
     def _from_call_deltas(self, deltas: list[dict]) -> list[AnswerEvent]:
@@ -157,10 +172,11 @@ class AnswerReader:
         taken, self._pending = self._pending[:count], self._pending[count:]
         return taken
 
-    def _content(self, text: str) -> list[AnswerEvent]:
+    def _add_content(self, text: str) -> list[AnswerEvent]:
         if not text:
             return []
-        self.content += text
+        self._content.append(text)
+        self._at_line_start = text.endswith("\n")
         return [AnswerEvent("content", text)]
 
 

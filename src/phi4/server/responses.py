@@ -133,6 +133,7 @@ class ResponseBuilder:
     created_at: int = field(default_factory=lambda: int(time.time()))
     output: list[dict[str, Any]] = field(default_factory=list)
     open_item: dict[str, Any] | None = None
+    _open_text: list[str] = field(default_factory=list)  # the open item's text or arguments, set when it closes
 
     def body(self, status: str, usage_: dict[str, Any] | None = None, incomplete: bool = False) -> dict[str, Any]:
         request = self.request
@@ -165,15 +166,15 @@ class ResponseBuilder:
         assert item is not None
         index = len(self.output) - 1
         if kind == "reasoning":
-            item["content"][0]["text"] += event.text
+            self._open_text.append(event.text)
             events.append({"type": "response.reasoning_text.delta", "item_id": item["id"], "output_index": index,
                            "content_index": 0, "delta": event.text})
         elif kind == "message":
-            item["content"][0]["text"] += event.text
+            self._open_text.append(event.text)
             events.append({"type": "response.output_text.delta", "item_id": item["id"], "output_index": index,
                            "content_index": 0, "delta": event.text, "logprobs": []})
         elif event.kind == "arguments":
-            item["arguments"] += event.text
+            self._open_text.append(event.text)
             events.append({"type": "response.function_call_arguments.delta", "item_id": item["id"],
                            "output_index": index, "delta": event.text})
         return events
@@ -205,14 +206,17 @@ class ResponseBuilder:
         item, self.open_item = self.open_item, None
         if item is None:
             return []
+        text, self._open_text = "".join(self._open_text), []
         item["status"] = status
         index = len(self.output) - 1
         events: list[dict[str, Any]] = []
         if item["type"] == "function_call":
+            item["arguments"] = text
             events.append({"type": "response.function_call_arguments.done", "item_id": item["id"],
                            "output_index": index, "arguments": item["arguments"]})
         else:
             part = item["content"][0]
+            part["text"] = text
             text_type = "response.reasoning_text.done" if item["type"] == "reasoning" else "response.output_text.done"
             done = {"type": text_type, "item_id": item["id"], "output_index": index, "content_index": 0,
                     "text": part["text"]}

@@ -101,8 +101,6 @@ class GrammarService:
 
     def masks(self, constraints: list[Constraint | None], closing: list[bool], device: torch.device) -> BatchMasks | None:
         """The next-token masks of a batch's sampled rows (see constraint.allowed_tokens)."""
-        if all(c is None for c in constraints):
-            return None
         assert self._tiers is not None, "a constraint exists only after a grammar was compiled"
         return allowed_tokens(constraints, closing, self.vocab_size, self._tiers, device)
 

@@ -219,3 +219,35 @@ def test_a_prompt_attends_the_same_whole_in_chunks_or_token_by_token() -> None:
             pieces.append(attention.forward_qkv(qkv[start:end].clone(), torch.arange(start, end), k_cache, v_cache,
                                                 metadata))
         assert torch.equal(torch.cat(pieces), expected), cuts
+
+
+@pytest.mark.parametrize("checkpoint", ["demo_dir", "mini_dir"])
+def test_the_fused_decoder_gives_the_bits_of_the_layer_by_layer_kernels(checkpoint: str,
+                                                                       request: pytest.FixtureRequest) -> None:
+    """One phi4_decoder call per step (the CPU default) against the same kernels called layer by layer from
+    Python: final states and every cached key and value, bit for bit, on a step that mixes a prefill chunk
+    past earlier context with decodes (the mini checkpoint: partial rotary, LongRoPE rows, a tied head)."""
+    from phi4.model.loader import load_model
+
+    model = load_model(request.getfixturevalue(checkpoint), torch.device("cpu"), torch.float32)
+    assert model._decoder is not None, "the CPU default runs the fused decoder"
+    config = model.config
+    cache = PagedCache([9, 1, 1, 30], [75, 40, 130, 30], config, seed=12)
+    tokens = cache.positions.shape[0]
+    kv_caches = torch.randn(config.num_hidden_layers, 2, *cache.k.shape, generator=torch.Generator().manual_seed(13))
+    ids = torch.randint(0, config.vocab_size, (tokens,), generator=torch.Generator().manual_seed(14))
+    rope_rows = cache.positions + (config.max_position_embeddings if config.longrope is not None else 0) * (
+        cache.positions >= 64)  # the long factors for positions past the mini's original context
+
+    def run() -> tuple[torch.Tensor, torch.Tensor]:
+        caches = kv_caches.clone()
+        metadata = AttentionMetadata.build(cache.metadata.slot_mapping, cache.metadata.query_lens, cache.tables,
+                                           cache.metadata.context_lens, cache.block)
+        return model.forward(ids, rope_rows, caches, metadata), caches
+
+    fused, fused_caches = run()
+    model._decoder = None
+    by_layer, by_layer_caches = run()
+    assert torch.isfinite(fused).all()
+    assert torch.equal(fused, by_layer)
+    assert torch.equal(fused_caches, by_layer_caches)

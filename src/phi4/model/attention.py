@@ -143,10 +143,14 @@ class PagedAttention:
     ) -> torch.Tensor:
         k_cache[metadata.slot_mapping] = k
         v_cache[metadata.slot_mapping] = v
+        return self.attend(q, k_cache, v_cache, self.plan_for(metadata, q.dtype))
+
+    def plan_for(self, metadata: AttentionMetadata, dtype: torch.dtype) -> Any:
+        """This step's plan: derived from the metadata by the first layer, reused by the others."""
         plan = metadata.backend_plans.get(self.name)
         if plan is None:
-            plan = metadata.backend_plans[self.name] = self.plan(metadata, q.dtype)
-        return self.attend(q, k_cache, v_cache, plan)
+            plan = metadata.backend_plans[self.name] = self.plan(metadata, dtype)
+        return plan
 
     def plan(self, metadata: AttentionMetadata, dtype: torch.dtype) -> Any:
         raise NotImplementedError
@@ -204,11 +208,8 @@ class CpuPagedAttention(PagedAttention):
         rotary = self.rotary
         cpu_kernels.rotary_and_cache(qkv, self.num_heads, self.num_kv_heads, self.head_dim, rotary.rotary_dim,
                                      rotary.cos, rotary.sin, rope_rows, metadata.slot_mapping, k_cache, v_cache)
-        plan = metadata.backend_plans.get(self.name)
-        if plan is None:
-            plan = metadata.backend_plans[self.name] = self.plan(metadata, qkv.dtype)
-        return cpu_kernels.attention(qkv, k_cache, v_cache, plan, self.num_heads, self.num_kv_heads, self.head_dim,
-                                     self.scale, metadata.block_size)
+        return cpu_kernels.attention(qkv, k_cache, v_cache, self.plan_for(metadata, qkv.dtype), self.num_heads,
+                                     self.num_kv_heads, self.head_dim, self.scale, metadata.block_size)
 
     def plan(self, metadata: AttentionMetadata, dtype: torch.dtype) -> cpu_kernels.AttentionPlan:
         starts = [0]

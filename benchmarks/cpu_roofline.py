@@ -27,11 +27,8 @@ import torch
 
 from phi4 import LLM, SamplingParams
 from phi4.bench import cpu_name
-from phi4.demo import demo_config, random_phi3_weights, write_checkpoint
+from phi4.demo import random_phi3_weights, shaped_config, write_checkpoint
 from phi4.model.cpu_kernels import empty_on_huge_pages
-
-LARGE_SHAPE = {"hidden_size": 1536, "intermediate_size": 4096, "num_hidden_layers": 12, "num_attention_heads": 12,
-               "num_key_value_heads": 3}
 
 
 def stream_seconds(num_bytes: int) -> float:
@@ -90,7 +87,7 @@ def main() -> None:
     args = parser.parse_args()
     from transformers import Phi3Config, Phi3ForCausalLM
 
-    config = {**demo_config(), **(LARGE_SHAPE if args.shape == "large" else {}), "_name_or_path": f"phi4-{args.shape}"}
+    config = shaped_config(args.shape)
     steps = args.steps or (64 if args.shape == "demo" else 8)
     directory = tempfile.TemporaryDirectory()
     weights = {name: t.bfloat16() for name, t in random_phi3_weights(config).items()}  # stored as Phi-4 ships

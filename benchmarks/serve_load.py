@@ -110,14 +110,14 @@ async def drive(url: str, prompts: list[list[int]], clients: int, output_tokens:
 
 def start_server(extra_args: tuple[str, ...] = (), env: dict[str, str] | None = None,
                  ready: Callable[[httpx.Response], bool] = lambda response: True,
-                 timeout: float = 180) -> tuple[subprocess.Popen, str]:
-    """`phi4 serve --model demo --no-prefix-caching` on a free loopback port, once /health answers 200 and
+                 timeout: float = 180, model: str = "demo") -> tuple[subprocess.Popen, str]:
+    """`phi4 serve --model MODEL --no-prefix-caching` on a free loopback port, once /health answers 200 and
     `ready` accepts its answer; the server leads a process group of its own (see `stop_server`)."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     process = subprocess.Popen(
-        [sys.executable, "-m", "phi4.cli", "serve", "--model", "demo", "--host", "127.0.0.1", "--port", str(port),
+        [sys.executable, "-m", "phi4.cli", "serve", "--model", model, "--host", "127.0.0.1", "--port", str(port),
          "--no-prefix-caching", *extra_args],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env or os.environ.copy(), start_new_session=True,
     )

@@ -30,6 +30,14 @@ DEMO_SHAPE: dict[str, Any] = {
     "num_attention_heads": 8,
     "num_key_value_heads": 2,
 }
+# Larger stand-ins for benchmarks whose figures depend on how much work a token is (same vocabulary,
+# tokenizer and template): `medium` makes a CPU engine the bottleneck of a server, `large` streams ~0.9 GB.
+BENCHMARK_SHAPES: dict[str, dict[str, Any]] = {
+    "medium": {"hidden_size": 768, "intermediate_size": 2048, "num_hidden_layers": 6, "num_attention_heads": 12,
+               "num_key_value_heads": 3},
+    "large": {"hidden_size": 1536, "intermediate_size": 4096, "num_hidden_layers": 12, "num_attention_heads": 12,
+              "num_key_value_heads": 3},
+}
 # Logits of random weights must be well separated, or greedy comparisons flip on rounding noise.
 LM_HEAD_STD = 0.5
 TOKENIZER_FILES = ("tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "generation_config.json")
@@ -137,6 +145,17 @@ def write_checkpoint(
 def write_demo_checkpoint(directory: Path, num_shards: int = 1, fp8: bool = False) -> Path:
     config = demo_config()
     write_checkpoint(directory, config, random_phi3_weights(config), num_shards=num_shards, fp8=fp8)
+    return directory
+
+
+def shaped_config(shape: str) -> dict[str, Any]:
+    """The demo's config with one of BENCHMARK_SHAPES (or the demo's own, "demo")."""
+    return {**demo_config(), **BENCHMARK_SHAPES.get(shape, {}), "_name_or_path": f"phi4-{shape}"}
+
+
+def write_shaped_checkpoint(directory: Path, shape: str) -> Path:
+    config = shaped_config(shape)
+    write_checkpoint(directory, config, random_phi3_weights(config))
     return directory
 
 

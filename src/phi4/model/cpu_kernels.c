@@ -645,8 +645,9 @@ typedef struct {
 /* Every layer over T tokens: the same kernels, in the same order and on the same operands as the model's
    Python loop calls them one by one (phi3.py), so the bits are the same; one call instead of nine per
    layer matters when the layers are small (the Python and ctypes cost of a call is several microseconds).
-   `hidden` [T, hidden] holds the embeddings and receives the final normalised states. */
-void phi4_decoder(float *hidden, int64_t tokens, const DecoderShape *shape, const DecoderLayer *layers,
+   `hidden` [T, hidden] holds the embeddings and receives the final normalised states. Returns 0, or -1 when
+   the activations' memory cannot be had (nothing is computed then). */
+int phi4_decoder(float *hidden, int64_t tokens, const DecoderShape *shape, const DecoderLayer *layers,
                   const float *final_norm, const float *cos, const float *sin, const int64_t *rope_rows,
                   const int64_t *slots, int64_t num_seqs, const int32_t *query_start, const int32_t *context_lens,
                   const int32_t *block_tables, int64_t max_blocks, int threads) {
@@ -654,6 +655,7 @@ void phi4_decoder(float *hidden, int64_t tokens, const DecoderShape *shape, cons
   const int64_t qkv_width = q_size + 2 * shape->kv_heads * shape->head_dim, inter = shape->intermediate;
   const size_t floats = (size_t)tokens * (size_t)(3 * h + qkv_width + q_size + 3 * inter);
   float *residual = (float *)aligned_alloc(64, (floats * sizeof(float) + 63) / 64 * 64);
+  if (residual == NULL) return -1;
   float *normed = residual + tokens * h, *x = normed + tokens * h, *qkv = x + tokens * h;
   float *attended = qkv + tokens * qkv_width, *gate_up = attended + tokens * q_size;
   float *act = gate_up + tokens * 2 * inter;
@@ -676,4 +678,5 @@ void phi4_decoder(float *hidden, int64_t tokens, const DecoderShape *shape, cons
   }
   phi4_add_rms_norm(x, residual, final_norm, shape->eps, tokens, h, hidden, residual, threads);
   free(residual);
+  return 0;
 }

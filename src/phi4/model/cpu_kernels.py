@@ -98,6 +98,7 @@ def load_library(path: Path) -> ctypes.CDLL:
         function.argtypes = argtypes
         function.restype = None
     library.phi4_isa.restype = ctypes.c_char_p
+    library.phi4_decoder.restype = ctypes.c_int
     return library
 
 
@@ -312,10 +313,12 @@ class DecoderStack:
             for index, struct in enumerate(self._structs):
                 struct.k_cache = base + index * layer_stride
                 struct.v_cache = base + index * layer_stride + half
-        kernels().phi4_decoder(
+        status = kernels().phi4_decoder(
             hidden.data_ptr(), hidden.shape[0], ctypes.byref(self._shape), self._structs, self._final_norm.data_ptr(),
             self._cos.data_ptr(), self._sin.data_ptr(), rope_rows.data_ptr(), slots.data_ptr(),
             plan.context_lens.shape[0], plan.query_start.data_ptr(), plan.context_lens.data_ptr(),
             plan.block_tables.data_ptr(), plan.block_tables.shape[1], _threads(),
         )
+        if status != 0:
+            raise MemoryError(f"no memory for the activations of a {hidden.shape[0]}-token step")
         return hidden

@@ -127,7 +127,7 @@ def empty_on_huge_pages(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Ten
     """An uninitialised tensor that Linux backs with 2 MB pages where it can (madvise, then first touch).
 
     A decode step streams every weight once; on 4 KB pages that is a TLB miss every 4 KB, which costs
-    about 4% of a bandwidth-bound step (measured on a 0.9 GB model). Elsewhere, or for small tensors, this
+    about 3% of a bandwidth-bound step (measured on a 0.9 GB model). Elsewhere, or for small tensors, this
     is a plain torch.empty. The slack to the next 2 MB boundary is never touched, so it is never resident.
     """
     size = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()

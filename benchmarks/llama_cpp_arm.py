@@ -2,7 +2,7 @@
 converter to a bfloat16 GGUF, decoded through llama-cpp-python's low-level API with the same threads.
 
 Neither is a phi4 dependency. To run the arm:
-    pip install llama-cpp-python            # builds llama.cpp from source (~15 min on 2 cores)
+    pip install llama-cpp-python            # builds llama.cpp from source (5.5 min on 2 cores here)
     pip download llama-cpp-python --no-binary :all: --no-deps && tar xzf llama_cpp_python-*.tar.gz
     python benchmarks/cpu_roofline.py --llama-cpp llama_cpp_python-*/vendor/llama.cpp
 (any llama.cpp checkout with convert_hf_to_gguf.py and gguf-py/ will do as the source).
@@ -52,7 +52,6 @@ class LlamaCppDecoder:
         self.ctx = llama_cpp.llama_init_from_model(self.model, params)
         self.vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(self.model))
         self.batch = llama_cpp.llama_batch_init(512, 0, max_sequences)
-        self.weight_bytes = llama_cpp.llama_model_size(self.model)
 
     def _decode(self, tokens: list[tuple[int, int, int, bool]]) -> None:
         """One llama_decode of (token, position, sequence, wants logits) entries."""

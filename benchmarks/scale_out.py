@@ -26,7 +26,7 @@ import tempfile
 from pathlib import Path
 
 import httpx
-from serve_load import drive, start_server, stop_server, workload  # benchmarks/serve_load.py
+from serve_load import add_workload_arguments, drive, start_server, stop_server, workload  # benchmarks/serve_load.py
 
 from phi4.bench import cpu_name
 from phi4.demo import write_shaped_checkpoint
@@ -59,11 +59,7 @@ def measure(name: str, extra: list[str], threads: int | None, prompts: list[list
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--clients", type=int, default=16)
-    parser.add_argument("--requests", type=int, default=64)
-    parser.add_argument("--prompt-tokens", type=int, default=128)
-    parser.add_argument("--output-tokens", type=int, default=64)
-    parser.add_argument("--max-seconds", type=float, default=300)
+    add_workload_arguments(parser, requests=64)
     parser.add_argument("--shape", choices=["demo", "medium"], default="demo")
     args = parser.parse_args()
     prompts = workload(args.requests, args.prompt_tokens)

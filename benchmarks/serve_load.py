@@ -147,13 +147,18 @@ def stop_server(process: subprocess.Popen) -> None:
             pass
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_workload_arguments(parser: argparse.ArgumentParser, requests: int) -> None:
+    """The streaming workload's options, shared with scale_out.py."""
     parser.add_argument("--clients", type=int, default=16)
-    parser.add_argument("--requests", type=int, default=32)
+    parser.add_argument("--requests", type=int, default=requests)
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--output-tokens", type=int, default=64)
     parser.add_argument("--max-seconds", type=float, default=300)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_workload_arguments(parser, requests=32)
     args = parser.parse_args()
     prompts = workload(args.requests, args.prompt_tokens)
     offline = offline_tokens_per_second(prompts, args.output_tokens, args.clients)

@@ -14,7 +14,6 @@ token ids it already has, in-process.)"""
 
 from __future__ import annotations
 
-import hashlib
 import random
 from collections import OrderedDict
 from typing import Any
@@ -26,13 +25,15 @@ from phi4.cluster.wire import WireRequest
 MAX_REMEMBERED_BLOCKS = 200_000
 
 
-def prefix_block_hashes(token_ids: list[int], block_size: int) -> list[bytes]:
-    """One hash per full block of the prompt, each covering every token before its end."""
-    hashes = []
-    digest = hashlib.blake2b(digest_size=16)
+def prefix_block_hashes(token_ids: list[int], block_size: int) -> list[int]:
+    """One hash per full block of the prompt, each covering every token before its end: a chain of Python
+    hashes of (previous hash, the block's tokens), as the engine's prefix cache keys its blocks. It only has to
+    agree with itself inside this router, and a collision costs a cache miss, never a wrong answer."""
+    hashes: list[int] = []
+    parent = 0
     for start in range(0, len(token_ids) - block_size + 1, block_size):
-        digest.update(b"".join(t.to_bytes(4, "little") for t in token_ids[start:start + block_size]))
-        hashes.append(digest.copy().digest())
+        parent = hash((parent, tuple(token_ids[start : start + block_size])))
+        hashes.append(parent)
     return hashes
 
 
@@ -52,7 +53,7 @@ class PrefixAffinityRouter(RequestRouter):
         self.block_size = block_size
         self.imbalance = imbalance
         self.min_blocks = min_blocks
-        self._owners: OrderedDict[bytes, ReplicaID] = OrderedDict()  # block hash -> the replica that has it
+        self._owners: OrderedDict[int, ReplicaID] = OrderedDict()  # block hash -> the replica that has it
         self._sent: dict[ReplicaID, tuple[int, int]] = {}  # replica -> (its report's number, sent since)
 
     def load(self, replica: RunningReplica) -> tuple[int, int]:
@@ -69,7 +70,7 @@ class PrefixAffinityRouter(RequestRouter):
         current = stats.get("report", -1)
         self._sent[replica.replica_id] = (current, (sent if current == report else 0) + 1)
 
-    def _affine(self, blocks: list[bytes], candidates: dict[ReplicaID, RunningReplica]) -> RunningReplica | None:
+    def _affine(self, blocks: list[int], candidates: dict[ReplicaID, RunningReplica]) -> RunningReplica | None:
         """The replica holding the longest run of this prompt's leading blocks, if long enough."""
         owner, depth = None, 0
         for index, block in enumerate(blocks):

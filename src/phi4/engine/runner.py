@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 import torch
@@ -144,10 +144,12 @@ class ModelRunner:
                            for seq, rows, targets in batch.prompt_rows}
         if not batch.sample_rows:
             return SampleResult([], [], [], prompt_logprobs)
-        logits = self.model.compute_logits(hidden[torch.tensor(batch.sample_rows, device=self.device)])
+        if len(batch.sample_rows) < hidden.shape[0]:  # else a decode step: every row is sampled, in order
+            hidden = hidden[torch.tensor(batch.sample_rows, device=self.device)]
+        logits = self.model.compute_logits(hidden)
         rows = [SamplingRow(seq.params, seq.seed, seq.token_ids, seq.num_prompt_tokens) for seq in sampling]
         result = sample_isolated(logits, rows, masks.result() if masks is not None else None)
-        return SampleResult(result.token_ids, result.logprobs, result.errors, prompt_logprobs)
+        return replace(result, prompt_logprobs=prompt_logprobs)
 
     def _prompt_logprobs(self, hidden: torch.Tensor, rows: list[int], targets: list[int],
                          top: int) -> list[TokenLogprob]:

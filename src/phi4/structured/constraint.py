@@ -20,7 +20,7 @@ import llguidance
 import numpy as np
 import torch
 
-from phi4.structured.unique import UniqueItems
+from phi4.structured.unique import UniqueItems, token_bitmask
 
 CLOSING_TOKENS = 48
 _PATTERNS = {
@@ -60,11 +60,8 @@ class Constraint:
         if self.matcher.is_error():
             raise GrammarError(f"the grammar failed: {self.matcher.get_error()}")
         if self.unique is not None and (banned := self.unique.banned(self._extendable)):
-            ids = np.fromiter(banned, dtype=np.int64)
-            cleared = np.zeros(bitmask_row.numel(), dtype=np.uint32)
-            np.bitwise_or.at(cleared, ids >> 5, np.left_shift(np.uint32(1), (ids & 31).astype(np.uint32)))
             row = bitmask_row.numpy().view(np.uint32)
-            row &= ~cleared
+            row &= ~token_bitmask(banned, bitmask_row.numel())
 
     def _extendable(self, token: int) -> bool:
         """Whether, after `token`, the grammar allows something other than a closing quote (a lookahead on a copy

@@ -15,7 +15,7 @@ import bisect
 import codecs
 import copy
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import numpy as np
@@ -148,6 +148,14 @@ def check_unique_items(schema: dict[str, Any], param: str) -> None:
                                       "not for arrays of objects, arrays or unconstrained items", param)
 
 
+def token_bitmask(tokens: Iterable[int], words: int) -> np.ndarray:
+    """llguidance's mask layout (bit t % 32 of 32-bit word t // 32) with the given tokens set."""
+    ids = np.fromiter(tokens, dtype=np.int64)
+    mask = np.zeros(words, dtype=np.uint32)
+    np.bitwise_or.at(mask, ids >> 5, np.left_shift(np.uint32(1), (ids & 31).astype(np.uint32)))
+    return mask
+
+
 class TokenIndex:
     """Token texts in sorted order, to find every token that begins with a given string."""
 
@@ -157,10 +165,10 @@ class TokenIndex:
         self.ids = [token_id for _, token_id in pairs]
         self.by_id = [raw.decode("utf-8", "replace") for raw in token_bytes]
         self.raw = token_bytes
-        self.not_number = frozenset(token for token, text in enumerate(self.by_id) if text and text[0] not in NUMBER_CHARS)
-        closing = np.array([token for token, text in enumerate(self.by_id) if text.startswith('"')], dtype=np.int64)
-        self.closing_quote = np.zeros((len(token_bytes) + 31) // 32, dtype=np.uint32)  # tokens that begin with '"'
-        np.bitwise_or.at(self.closing_quote, closing >> 5, np.left_shift(np.uint32(1), (closing & 31).astype(np.uint32)))
+        self.not_number = frozenset(token for token, text in enumerate(self.by_id)
+                                    if text and text[0] not in NUMBER_CHARS)
+        self.closing_quote = token_bitmask((token for token, text in enumerate(self.by_id) if text.startswith('"')),
+                                           (len(token_bytes) + 31) // 32)  # the tokens that begin with '"'
 
     def exact(self, text: str) -> list[int]:
         position = bisect.bisect_left(self.texts, text)
@@ -192,7 +200,7 @@ class UniqueItems:
     def __init__(self, schema: SchemaView, tokens: TokenIndex) -> None:
         self.schema = schema
         self.tokens = tokens
-        self.text = ""
+        self._chars: list[str] = []  # the JSON so far, a character each (a str grown by += is copied each time)
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")  # a character split over tokens
         self._stack: list[_Array | dict[str, Any]] = []  # arrays, and objects as {"path", "key", "expect_key"}
         self._in_string = False
@@ -214,8 +222,8 @@ class UniqueItems:
         return (*top["path"], top["key"])
 
     def _step(self, char: str) -> None:
-        position = len(self.text)
-        self.text += char
+        position = len(self._chars)
+        self._chars.append(char)
         top = self._stack[-1] if self._stack else None
         if self._in_string:
             if self._escaped:
@@ -263,7 +271,7 @@ class UniqueItems:
     def _finish_item(self, end: int) -> None:
         top = self._stack[-1] if self._stack else None
         if isinstance(top, _Array) and top.item_start is not None:
-            top.items.append(self.text[top.item_start : end])
+            top.items.append("".join(self._chars[top.item_start : end]))
             top.item_start = None
             top.anchor = end
 
@@ -273,7 +281,7 @@ class UniqueItems:
         top = self._stack[-1] if self._stack else None
         if not isinstance(top, _Array) or not top.unique or not top.items:
             return set()
-        written = self.text[top.anchor :]
+        written = "".join(self._chars[top.anchor :])
         domain = self.schema.item_domain(top.path)
         if domain is not None:
             return self._banned_in_domain(written, top.items, domain)

@@ -19,13 +19,17 @@ class ChatError(RuntimeError):
 
 @dataclass
 class Answer:
-    content: str = ""
+    pieces: list[str] = field(default_factory=list)  # the content as it streamed in (joined when read)
     tool_calls: list[dict[str, Any]] = field(default_factory=list)
     finish_reason: str | None = None
     completion_tokens: int | None = None
     started: float = field(default_factory=time.monotonic)
     first_token_at: float | None = None
     ended_at: float | None = None
+
+    @property
+    def content(self) -> str:
+        return "".join(self.pieces)
 
     @property
     def time_to_first_token(self) -> float | None:
@@ -51,7 +55,7 @@ class Answer:
         text = delta.get("content") or ""
         if (text or delta.get("tool_calls")) and self.first_token_at is None:
             self.first_token_at = time.monotonic()
-        self.content += text
+        self.pieces.append(text)
         for call in delta.get("tool_calls") or []:
             while len(self.tool_calls) <= call.get("index", 0):
                 self.tool_calls.append({"id": "", "type": "function", "function": {"name": "", "arguments": ""}})

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from phi4.chat.commands import CommandError, run_command
 from phi4.chat.conversation import Conversation
 
 BLOCK = '"""'
+REFRESH_PER_SECOND = 12  # of the streamed answer's markdown
 
 
 def default_history() -> Path:
@@ -126,8 +128,15 @@ class Repl:
                 self.console.file.flush()
             self.console.file.write("\n")
             return
-        with Live(console=self.console, refresh_per_second=12, vertical_overflow="visible") as live:
-            for _ in pieces:
+        # The markdown is parsed again whole on each update: at most at the refresh rate, not per token.
+        with Live(console=self.console, refresh_per_second=REFRESH_PER_SECOND, vertical_overflow="visible") as live:
+            shown = 0.0
+            try:
+                for _ in pieces:
+                    if time.monotonic() - shown >= 1 / REFRESH_PER_SECOND:
+                        live.update(Markdown(answer.content))
+                        shown = time.monotonic()
+            finally:  # the whole answer, also when Ctrl-C ended it
                 live.update(Markdown(answer.content))
 
     def _show_tool_calls(self, answer: Answer) -> None:

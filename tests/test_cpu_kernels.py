@@ -178,9 +178,23 @@ def run_every_kernel(seed: int) -> list[torch.Tensor]:
     rotary = layers.RotaryEmbedding(config, torch.device("cpu"), torch.float32)
     cache = PagedCache([6, 1], [70, 33], config, seed)
     qkv = torch.randn(7, config.q_size + 2 * config.kv_size, generator=generator)
-    results.append(CpuPagedAttention(6, 2, 48, rotary).forward_qkv(qkv, cache.positions, cache.k, cache.v,
-                                                                   cache.metadata))
+    attention = CpuPagedAttention(6, 2, 48, rotary)
+    results.append(attention.forward_qkv(qkv, cache.positions, cache.k, cache.v, cache.metadata))
     results.extend([qkv, cache.k, cache.v])
+    # the fused decoder (phi4_decoder) over one layer of the same shapes, weights in bfloat16
+    hidden, inter = config.hidden_size, config.intermediate_size
+    shapes = [(config.q_size + 2 * config.kv_size, hidden), (hidden, config.q_size), (2 * inter, hidden),
+              (hidden, inter)]
+    packed = [stored_weight(shape, torch.bfloat16, seed + i)[0] for i, shape in enumerate(shapes)]
+    norms = [torch.rand(hidden, generator=generator) + 0.5 for _ in range(3)]
+    decoder = cpu_kernels.DecoderStack([cpu_kernels.LayerWeights(norms[0], norms[1], *packed)], norms[2],
+                                       intermediate=inter, heads=6, kv_heads=2, head_dim=48,
+                                       rotary_dim=rotary.rotary_dim, eps=1e-5, cos=rotary.cos, sin=rotary.sin)
+    kv_caches = torch.stack((cache.k, cache.v))[None].contiguous()
+    results.append(decoder.forward(torch.randn(7, hidden, generator=generator), cache.positions,
+                                   cache.metadata.slot_mapping, kv_caches,
+                                   attention.plan_for(cache.metadata, torch.float32), cache.block))
+    results.append(kv_caches)
     return results
 
 

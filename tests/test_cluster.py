@@ -237,11 +237,14 @@ def router(imbalance: int = 8):  # noqa: ANN201
     return instance
 
 
-def pending(tokens: list[int]):  # noqa: ANN201
+def pending(tokens: list[int], request_id: str = "id"):  # noqa: ANN201 - what Ray Serve hands the router
+    from concurrent.futures import Future
+
     from phi4.cluster.wire import WireRequest
     from phi4.sampling_params import SamplingParams
 
-    return types.SimpleNamespace(args=["id", WireRequest(tokens, SamplingParams())], kwargs={})
+    return types.SimpleNamespace(args=["id", WireRequest(tokens, SamplingParams())], kwargs={},
+                                 metadata=types.SimpleNamespace(internal_request_id=request_id), future=Future())
 
 
 def test_prefix_affinity_reuses_more_cache_than_least_loaded_routing() -> None:
@@ -262,7 +265,11 @@ def test_prefix_affinity_reuses_more_cache_than_least_loaded_routing() -> None:
         return reused
 
     def choose(instance):  # noqa: ANN001, ANN202
-        return lambda tokens: asyncio.run(instance.choose_replicas(replicas, pending(tokens)))[0][0].replica_id
+        def route(tokens: list[int]) -> str:
+            chosen = asyncio.run(instance.choose_replicas(replicas, pending(tokens, "request")))[0][0].replica_id
+            instance.on_request_completed(chosen, "request")  # one at a time: each finishes before the next
+            return chosen
+        return route
 
     with_affinity = cached_blocks(choose(router()))
     without = cached_blocks(choose(router(imbalance=-1)))  # affinity never applies: power of two choices alone
@@ -279,6 +286,29 @@ def test_a_busy_replica_loses_its_prefixes_to_an_idle_one() -> None:
     tokens = list(range(64))
     instance._owners.update({block: "busy" for block in prefix_block_hashes(tokens, 16)})
     assert asyncio.run(instance.choose_replicas([busy, idle], pending(tokens)))[0][0] is idle
+
+
+def test_the_replica_whose_requests_finished_gets_the_next_ones_before_its_next_report() -> None:
+    # Both replicas last reported 4 requests; since then r0's finished. Reports come only every second or
+    # so: routing on them alone would split new requests evenly and leave r0 with half the work of r1.
+    replicas = [types.SimpleNamespace(replica_id=f"r{i}", routing_stats={"running": 0, "waiting": 0,
+                                                                          "free_blocks": 100, "report": 0})
+                for i in range(2)]
+    instance = router()
+    first = [asyncio.run(instance.choose_replicas(replicas, pending([i] * 20, f"a{i}")))[0][0].replica_id
+             for i in range(8)]
+    assert sorted(first) == ["r0"] * 4 + ["r1"] * 4  # in-flight requests count at once: a burst is split
+    for i, replica in enumerate(first):
+        if replica == "r0":
+            instance.on_request_completed(replica, f"a{i}")
+    later = [asyncio.run(instance.choose_replicas(replicas, pending([100 + i] * 20, f"b{i}")))[0][0].replica_id
+             for i in range(4)]
+    assert later == ["r0"] * 4
+
+    cancelled = pending([7] * 20, "c")  # chosen, then the client left before Ray Serve sent it anywhere
+    asyncio.run(instance.choose_replicas(replicas, cancelled))
+    cancelled.future.cancel()
+    assert [instance.load(r)[0] for r in replicas] == [4, 4]
 
 
 def test_autoscaling_options_become_ray_serves_config() -> None:

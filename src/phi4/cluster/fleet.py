@@ -1,5 +1,5 @@
 """Where the replicas tell the ingress how they are: a small named Ray actor that each replica reports to
-twice a second, and that the ingress reads for `/health`, `/metrics` and the fleet's totals.
+once a second, and that the ingress reads (every second) for `/health`, `/metrics` and the fleet's totals.
 
 A replica that stops reporting (it died, or its node did) is shown unhealthy after `STALE_SECONDS` and
 dropped after `FORGET_SECONDS`; Ray Serve starts its replacement, which reports under its own id."""

@@ -24,7 +24,7 @@ from phi4.cluster.wire import WireRequest
 from phi4.engine.client import InProcessEngine, RequestOutput
 
 logger = logging.getLogger("phi4.cluster")
-REPORT_SECONDS = 0.5
+REPORT_SECONDS = 1.0
 
 
 class EngineReplica:

@@ -1,18 +1,23 @@
 """Scale-out on Ray Serve: the same streaming workload against `phi4 serve --model demo` as one process and
-on Ray Serve with 1 and then 2 replicas, every engine limited to one CPU thread, in one run.
+on Ray Serve with 1 and then 2 replicas, every engine limited to one CPU thread, in one run; and, for what the
+machine itself allows, two independent one-process servers with the clients split evenly between them.
 
 Prints one JSON line per arm (output tokens/s, requests/s, TTFT and ITL percentiles, as the clients saw
-them) and a summary: the scaling ratio (2 replicas over 1; target >= 1.6 on a 2-core machine) and the
-routing overhead (1 replica through Ray over the same single engine in one process; target >= 0.85).
-Prefix caching is off and the prompts are random, so routing cannot win by cache hits.
+them) and a summary: the scaling ratio (2 replicas over 1; target >= 1.6 on a 2-core machine), the routing
+overhead (1 replica through Ray over the same single engine in one process; target >= 0.85), the machine's
+own ratio (2 independent processes over 1) and how much of it Ray Serve keeps. Prefix caching is off and
+the prompts are random, so routing cannot win by cache hits.
 
-`--shape medium` serves a larger random checkpoint (hidden 768, 6 layers; the demo's tokenizer): a token
-then costs its engine ~4 ms of one core instead of ~1 ms, closer to a real model, where the replicas and not
-the HTTP and Ray messaging around them are the bottleneck. On the demo, with two single-thread engines on a
-2-core machine, the ingress, Ray's proxy and the load generator compete with the engines for the cores.
+Two engines of one thread each fill a 2-core machine, so Ray's own processes (the controller, GCS, the
+ingress and proxy, their idle polling) take their CPU from the engines; and the same clients split over two
+engines make batches half as big, which costs throughput wherever a step is bound by reading the weights.
 
-Usage: python benchmarks/scale_out.py [--shape demo|medium] [--clients 16] [--requests 64] [--prompt-tokens 128]
-       [--output-tokens 64]
+`--shape medium|large` serves a larger random checkpoint (the demo's tokenizer; medium: hidden 768, 6
+layers, ~4 ms of one core per token; large: hidden 1536, 12 layers, ~25 ms), closer to a real model, where
+the engines and not the HTTP and Ray messaging around them are the bottleneck.
+
+Usage: python benchmarks/scale_out.py [--shape demo|medium|large] [--clients 16] [--requests 64]
+       [--prompt-tokens 128] [--output-tokens 64]
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ import httpx
 from serve_load import add_workload_arguments, drive, start_server, stop_server, workload  # benchmarks/serve_load.py
 
 from phi4.bench import cpu_name
-from phi4.demo import write_shaped_checkpoint
+from phi4.demo import BENCHMARK_SHAPES, write_shaped_checkpoint
 
 
 def start(extra: list[str], threads: int | None, model: str) -> tuple[subprocess.Popen, str]:
@@ -44,14 +49,18 @@ def start(extra: list[str], threads: int | None, model: str) -> tuple[subprocess
     return start_server(("--max-model-len", "1024", *extra), env, every_replica_up, timeout=300, model=model)
 
 
-def measure(name: str, extra: list[str], threads: int | None, prompts: list[list[int]], args: argparse.Namespace
-            ) -> dict:
-    process, url = start(extra, threads, args.model)
+def measure(name: str, extra: list[str], threads: int | None, prompts: list[list[int]], args: argparse.Namespace,
+            servers: int = 1) -> dict:
+    """One arm: `servers` servers started alike (more than one: independent processes, the clients split
+    evenly over them), warmed up, then the workload."""
+    started = [start(extra, threads, args.model) for _ in range(servers)]
+    urls = [url for _, url in started]
     try:
-        asyncio.run(drive(url, prompts[:4], 4, 4, 60))  # warm-up: every replica compiles and allocates
-        figures = asyncio.run(drive(url, prompts, args.clients, args.output_tokens, args.max_seconds))
+        asyncio.run(drive(urls, prompts[: 4 * servers], 4 * servers, 4, 60))  # warm-up: compile and allocate
+        figures = asyncio.run(drive(urls, prompts, args.clients, args.output_tokens, args.max_seconds))
     finally:
-        stop_server(process)
+        for process, _ in started:
+            stop_server(process)
     line = {"arm": name, **{k: round(v, 2) for k, v in figures.items()}}
     print(json.dumps(line), flush=True)
     return line
@@ -60,7 +69,7 @@ def measure(name: str, extra: list[str], threads: int | None, prompts: list[list
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_workload_arguments(parser, requests=64)
-    parser.add_argument("--shape", choices=["demo", "medium"], default="demo")
+    parser.add_argument("--shape", choices=["demo", *BENCHMARK_SHAPES], default="demo")
     args = parser.parse_args()
     prompts = workload(args.requests, args.prompt_tokens)
     checkpoint = tempfile.TemporaryDirectory()
@@ -68,9 +77,12 @@ def main() -> None:
     one_process = measure("one process, 1 thread", [], 1, prompts, args)
     ray_one = measure("Ray Serve, 1 replica", ["--replicas", "1", "--cpus-per-replica", "1"], None, prompts, args)
     ray_two = measure("Ray Serve, 2 replicas", ["--replicas", "2", "--cpus-per-replica", "1"], None, prompts, args)
+    two_processes = measure("2 processes, no Ray, 1 thread each", [], 1, prompts, args, servers=2)
     print(json.dumps({"figure": "scale_out", "shape": args.shape, "cpu": cpu_name(), "cores": os.cpu_count(),
                       "scaling_2_over_1": round(ray_two["output_tok_s"] / ray_one["output_tok_s"], 3),
                       "scaling_target": 1.6,
+                      "machine_2_over_1": round(two_processes["output_tok_s"] / one_process["output_tok_s"], 3),
+                      "ray_two_over_two_processes": round(ray_two["output_tok_s"] / two_processes["output_tok_s"], 3),
                       "ray_over_one_process": round(ray_one["output_tok_s"] / one_process["output_tok_s"], 3),
                       "overhead_target": 0.85}))
 

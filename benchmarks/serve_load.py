@@ -85,19 +85,23 @@ async def one_request(url: str, prompt: list[int], output_tokens: int) -> dict:
             "itl": [b - a for a, b in zip(arrivals, arrivals[1:])], "tokens": int(usage.group(1)) if usage else 0}
 
 
-async def drive(url: str, prompts: list[list[int]], clients: int, output_tokens: int, max_seconds: float) -> dict:
+async def drive(url: str | list[str], prompts: list[list[int]], clients: int, output_tokens: int, max_seconds: float
+                ) -> dict:
+    """`clients` closed-loop clients take the prompts in turn; with several servers' URLs, client i sends to
+    server i mod N (each server gets an equal share of the clients)."""
+    urls = [url] if isinstance(url, str) else url
     queue: asyncio.Queue[list[int]] = asyncio.Queue()
     for prompt in prompts:
         queue.put_nowait(prompt)
     results: list[dict] = []
     deadline = time.perf_counter() + max_seconds
 
-    async def client_loop() -> None:
+    async def client_loop(target: str) -> None:
         while not queue.empty() and time.perf_counter() < deadline:
-            results.append(await one_request(url, queue.get_nowait(), output_tokens))
+            results.append(await one_request(target, queue.get_nowait(), output_tokens))
 
     start = time.perf_counter()
-    await asyncio.gather(*(client_loop() for _ in range(clients)))
+    await asyncio.gather(*(client_loop(urls[i % len(urls)]) for i in range(clients)))
     elapsed = time.perf_counter() - start
     itl = [x for r in results for x in r["itl"]]
     return {"requests": len(results), "seconds": elapsed, "requests_per_s": len(results) / elapsed,

@@ -96,7 +96,10 @@ def test_a_conversation_in_the_terminal(chat, tmp_path: Path) -> None:  # noqa: 
     chat.sendline("Write a very long story")
     deadline = time.monotonic() + 60
     while metric(chat.url, "phi4_num_requests_running") == 0 and time.monotonic() < deadline:
-        time.sleep(0.02)  # until the answer is being written (and the terminal is out of the prompt)
+        # Until the answer is being written (and the terminal is out of the prompt). Meanwhile read what the
+        # terminal shows, as a user's terminal would: a pty nobody reads fills up and stalls the chat's output.
+        chat.expect([pexpect.TIMEOUT], timeout=0.02)
+    assert metric(chat.url, "phi4_generation_tokens_total") - generated_before < 900, "answered before Ctrl-C"
     chat.sendintr()  # Ctrl-C
     chat.expect(re.escape("stopped (Ctrl-C)"))
     chat.expect(PROMPT)

@@ -14,7 +14,7 @@ cache, so the rate is DRAM's).
 `--llama-cpp SOURCE` adds llama.cpp as a third arm (see llama_cpp_arm.py: the same checkpoint converted
 by llama.cpp's own converter to bf16, decoded with the same threads) and prints phi4's speed over it.
 
-Usage: python benchmarks/cpu_roofline.py [--shape demo|large] [--repeats 3] [--llama-cpp SOURCE]
+Usage: python benchmarks/cpu_roofline.py [--shape demo|medium|large] [--repeats 3] [--llama-cpp SOURCE]
 """
 
 from __future__ import annotations
@@ -25,15 +25,15 @@ import random
 import statistics
 import tempfile
 import time
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from phi4 import LLM, SamplingParams
 from phi4.bench import cpu_name
-from phi4.demo import random_phi3_weights, shaped_config, write_checkpoint
+from phi4.demo import BENCHMARK_SHAPES, random_phi3_weights, shaped_config, write_checkpoint
 from phi4.model.cpu_kernels import empty_on_huge_pages
 
 
@@ -87,7 +87,7 @@ def hf_step_ms(model: torch.nn.Module, sequences: int, prompt_len: int, steps: i
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shape", choices=["demo", "large"], default="demo")
+    parser.add_argument("--shape", choices=["demo", *BENCHMARK_SHAPES], default="demo")
     parser.add_argument("--repeats", type=int, default=3, help="measurements of each figure; medians are printed")
     parser.add_argument("--steps", type=int, default=None, help="decode steps per measurement")
     parser.add_argument("--llama-cpp", type=Path, default=None, metavar="SOURCE",

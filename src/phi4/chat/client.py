@@ -55,7 +55,8 @@ class Answer:
         text = delta.get("content") or ""
         if (text or delta.get("tool_calls")) and self.first_token_at is None:
             self.first_token_at = time.monotonic()
-        self.pieces.append(text)
+        if text:
+            self.pieces.append(text)
         for call in delta.get("tool_calls") or []:
             while len(self.tool_calls) <= call.get("index", 0):
                 self.tool_calls.append({"id": "", "type": "function", "function": {"name": "", "arguments": ""}})

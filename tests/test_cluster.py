@@ -243,14 +243,16 @@ def pending(tokens: list[int], request_id: str = "id"):  # noqa: ANN201 - what R
     from phi4.cluster.wire import WireRequest
     from phi4.sampling_params import SamplingParams
 
-    return types.SimpleNamespace(args=["id", WireRequest(tokens, SamplingParams())], kwargs={},
+    return types.SimpleNamespace(args=[f"phi4-{request_id}", WireRequest(tokens, SamplingParams())], kwargs={},
                                  metadata=types.SimpleNamespace(internal_request_id=request_id), future=Future())
 
 
+def idle_replica(name: str) -> types.SimpleNamespace:  # a RunningReplica whose last report holds nothing
+    return types.SimpleNamespace(replica_id=name, routing_stats={"requests": [], "free_blocks": 100})
+
+
 def test_prefix_affinity_reuses_more_cache_than_least_loaded_routing() -> None:
-    replicas = [types.SimpleNamespace(replica_id=f"r{i}", routing_stats={"running": 0, "waiting": 0,
-                                                                          "free_blocks": 100, "report": 0})
-                for i in range(2)]
+    replicas = [idle_replica(f"r{i}") for i in range(2)]
     prefixes = [list(range(1000 * p, 1000 * p + 128)) for p in range(4)]  # four documents, 8 blocks each
     workload = [prefixes[i % 4] + [50_000 + i] * 5 for i in range(40)]
 
@@ -280,8 +282,8 @@ def test_prefix_affinity_reuses_more_cache_than_least_loaded_routing() -> None:
 def test_a_busy_replica_loses_its_prefixes_to_an_idle_one() -> None:
     from phi4.cluster.router import prefix_block_hashes
 
-    busy = types.SimpleNamespace(replica_id="busy", routing_stats={"running": 30, "waiting": 5, "report": 1})
-    idle = types.SimpleNamespace(replica_id="idle", routing_stats={"running": 0, "waiting": 0, "report": 1})
+    busy = types.SimpleNamespace(replica_id="busy", routing_stats={"requests": [f"x{i}" for i in range(35)]})
+    idle = types.SimpleNamespace(replica_id="idle", routing_stats={"requests": []})  # 35 from another router
     instance = router(imbalance=8)
     tokens = list(range(64))
     instance._owners.update({block: "busy" for block in prefix_block_hashes(tokens, 16)})
@@ -291,9 +293,7 @@ def test_a_busy_replica_loses_its_prefixes_to_an_idle_one() -> None:
 def test_the_replica_whose_requests_finished_gets_the_next_ones_before_its_next_report() -> None:
     # Both replicas last reported 4 requests; since then r0's finished. Reports come only every second or
     # so: routing on them alone would split new requests evenly and leave r0 with half the work of r1.
-    replicas = [types.SimpleNamespace(replica_id=f"r{i}", routing_stats={"running": 0, "waiting": 0,
-                                                                          "free_blocks": 100, "report": 0})
-                for i in range(2)]
+    replicas = [idle_replica(f"r{i}") for i in range(2)]
     instance = router()
     first = [asyncio.run(instance.choose_replicas(replicas, pending([i] * 20, f"a{i}")))[0][0].replica_id
              for i in range(8)]
@@ -309,6 +309,27 @@ def test_the_replica_whose_requests_finished_gets_the_next_ones_before_its_next_
     asyncio.run(instance.choose_replicas(replicas, cancelled))
     cancelled.future.cancel()
     assert [instance.load(r)[0] for r in replicas] == [4, 4]
+
+
+def test_a_report_taken_before_a_replicas_requests_finished_does_not_count_them_again() -> None:
+    # r0's report lists the 8 requests this router sent it, and arrives after they finished (reports lag by
+    # up to their period): r0 is idle and must get the next requests, not look 8 requests busier than r1.
+    r0, r1 = idle_replica("r0"), idle_replica("r1")
+    instance = router()
+    for i in range(8):
+        asyncio.run(instance.choose_replicas([r0], pending([i] * 20, f"a{i}")))
+    for i in range(4):
+        asyncio.run(instance.choose_replicas([r1], pending([50 + i] * 20, f"b{i}")))
+    r0.routing_stats = {"requests": [f"phi4-a{i}" for i in range(8)], "free_blocks": 100}
+    r1.routing_stats = {"requests": [f"phi4-b{i}" for i in range(4)], "free_blocks": 100}
+    for i in range(8):
+        instance.on_request_completed("r0", f"a{i}")
+    later = [asyncio.run(instance.choose_replicas([r0, r1], pending([100 + i] * 20, f"c{i}")))[0][0].replica_id
+             for i in range(4)]
+    assert later == ["r0"] * 4
+    # A request in a report that this router never sent is another router's: it counts.
+    r1.routing_stats = {"requests": [f"phi4-b{i}" for i in range(4)] + ["other-1", "other-2"], "free_blocks": 100}
+    assert [instance.load(r)[0] for r in (r0, r1)] == [4, 6]
 
 
 def test_autoscaling_options_become_ray_serves_config() -> None:

@@ -7,6 +7,7 @@ error event and `[DONE]`); closing a stream cancels it on its replica."""
 
 from __future__ import annotations
 
+import secrets
 from collections import deque
 from pathlib import Path
 from typing import Any
@@ -80,6 +81,7 @@ class RayEngineClient(PreparingClient):
         self.fleet = fleet
         self.open_streams: set[_FleetStream] = set()
         self._ids = 0
+        self._instance = secrets.token_hex(4)
 
     def _validate(self, prompt: list[int], params: Any) -> None:  # noqa: ANN401 - SamplingParams
         validate_request(prompt, params, self.vocab_size, self.max_model_len)
@@ -93,8 +95,10 @@ class RayEngineClient(PreparingClient):
         return self.fleet.totals()
 
     def new_request_id(self, prefix: str) -> str:
+        """Unique across ingresses too: a replica's report lists the ids it holds, and the router tells its own
+        requests from another ingress's by them."""
         self._ids += 1
-        return f"{prefix}-{self._ids}"
+        return f"{prefix}-{self._instance}-{self._ids}"
 
     def cancel_all(self, error: BaseException) -> None:
         for stream in list(self.open_streams):

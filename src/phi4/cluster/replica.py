@@ -45,7 +45,7 @@ class EngineReplica:
         self.node = ray.get_runtime_context().get_node_id()
         self.requests = 0
         self.tokens = 0
-        self.reports = 0
+        self.holding: set[str] = set()  # ids of the requests started here and not finished (for the router)
         self._registry = registry(context.app_name)
         self._stop = threading.Event()
         self._reporter = threading.Thread(target=self._report_loop, name="phi4-fleet-report", daemon=True)
@@ -61,14 +61,16 @@ class EngineReplica:
         whatever came in each `stream_interval` (every streamed item costs a Ray message, so one per token
         would spend the CPU the engine needs), and the last at once."""
         self.requests += 1
-        grammars = self.engine.engine.grammars
-        prepared = await asyncio.to_thread(request.prepared, grammars) if request.params.grammar is not None \
-            else request.prepared(grammars)  # compiling may take a while: not on the replica's event loop
-        stream = self.engine.generate(request_id, prepared)
-        batch: list[RequestOutput] = []
-        sent_first = False
-        last_sent = time.monotonic()
+        self.holding.add(request_id)
+        stream = None
         try:
+            grammars = self.engine.engine.grammars
+            prepared = await asyncio.to_thread(request.prepared, grammars) if request.params.grammar is not None \
+                else request.prepared(grammars)  # compiling may take a while: not on the replica's event loop
+            stream = self.engine.generate(request_id, prepared)
+            batch: list[RequestOutput] = []
+            sent_first = False
+            last_sent = time.monotonic()
             async for output in stream:
                 self.tokens += len(output.new_token_ids)
                 batch.append(output)
@@ -78,13 +80,12 @@ class EngineReplica:
             if batch:
                 yield batch
         finally:
-            stream.close()  # early end (cancelled by the ingress): the engine aborts the request
+            self.holding.discard(request_id)
+            if stream is not None:
+                stream.close()  # early end (cancelled by the ingress): the engine aborts the request
 
     def record_routing_stats(self) -> dict[str, Any]:
-        stats = self.engine.stats()
-        self.reports += 1
-        return {"running": stats.num_running, "waiting": stats.num_waiting, "free_blocks": stats.kv_free_blocks,
-                "report": self.reports}
+        return {"requests": sorted(self.holding), "free_blocks": self.engine.stats().kv_free_blocks}
 
     def _report_loop(self) -> None:
         while not self._stop.wait(REPORT_SECONDS):

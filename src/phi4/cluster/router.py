@@ -5,12 +5,16 @@ were last sent to one replica goes back to it, where they sit in its prefix cach
 
 A replica's load is the requests this router has sent it that have not finished — counted when it chooses,
 released by Ray Serve's `on_request_completed`, so it is exact at once (a periodic report lags, and sent the
-replica that had just finished work fewer requests than it could take) — plus any others its last report
-shows (sent by another router; Ray Serve collects `record_routing_stats` periodically). The affinity map is
-the router's own memory of where it sent each prefix block (hashed as a chain, like the engine's prefix
-cache: a block's hash covers every token before it), so it needs no round trip; a replica that died is
-forgotten. The chosen replica comes first, the others after it in order of load, for Ray Serve to fall back
-on if it is full.
+replica that had just finished work fewer requests than it could take) — plus the requests another router
+sent it: those in its last report (`record_routing_stats`, collected by Ray Serve every second or so, lists
+the ids of the requests it holds) that this router never sent. Reports are compared by ids, not counts: a
+count taken before this router's requests finished would count them again until the next report, and in
+a wave of requests finishing together that sent the next wave to the other replica (10 and 6 of 16).
+
+The affinity map is the router's own memory of where it sent each prefix block (hashed as a chain, like the
+engine's prefix cache: a block's hash covers every token before it), so it needs no round trip; a replica
+that died is forgotten. The chosen replica comes first, the others after it in order of load, for Ray Serve
+to fall back on if it is full.
 (Ray's PrefixCacheAffinityRouter does the same on prompt text in a shared tree actor; phi4 routes on the
 token ids it already has, in-process.)"""
 
@@ -25,6 +29,7 @@ from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, R
 from phi4.cluster.wire import WireRequest
 
 MAX_REMEMBERED_BLOCKS = 200_000
+MAX_REMEMBERED_REQUESTS = 100_000  # ids this router sent, finished ones too: a report may still list them
 
 
 def prefix_block_hashes(token_ids: list[int], block_size: int) -> list[int]:
@@ -39,13 +44,13 @@ def prefix_block_hashes(token_ids: list[int], block_size: int) -> list[int]:
     return hashes
 
 
-def _wire_request(pending: PendingRequest | None) -> WireRequest | None:
+def _routed_request(pending: PendingRequest | None) -> tuple[str, WireRequest] | None:
+    """phi4's request id and request, from a call to `EngineReplica.generate(request_id, request)`."""
     if pending is None:
         return None
-    for value in (*pending.args, *pending.kwargs.values()):
-        if isinstance(value, WireRequest):
-            return value
-    return None
+    arguments = dict(zip(("request_id", "request"), pending.args)) | pending.kwargs
+    request_id, request = arguments.get("request_id"), arguments.get("request")
+    return (request_id, request) if isinstance(request_id, str) and isinstance(request, WireRequest) else None
 
 
 class PrefixAffinityRouter(RequestRouter):
@@ -58,22 +63,22 @@ class PrefixAffinityRouter(RequestRouter):
         self._owners: OrderedDict[int, ReplicaID] = OrderedDict()  # block hash -> the replica that has it
         self._routed: dict[str, ReplicaID] = {}  # Ray Serve's internal request id -> the replica chosen for it
         self._in_flight: Counter[ReplicaID] = Counter()  # requests routed here and not finished, per replica
-        self._mine_at_report: dict[ReplicaID, tuple[int, int]] = {}  # replica -> (report number, in flight then)
+        self._sent: OrderedDict[str, None] = OrderedDict()  # phi4 ids of the requests this router sent
 
     def load(self, replica: RunningReplica) -> tuple[int, int]:
         """(sequences it has or will have, fewer free KV blocks first): lower is less loaded."""
         stats: dict[str, Any] = replica.routing_stats or {}
-        mine = self._in_flight[replica.replica_id]
-        report = stats.get("report", -1)
-        seen = self._mine_at_report.get(replica.replica_id)
-        if seen is None or seen[0] != report:
-            seen = self._mine_at_report[replica.replica_id] = (report, mine)
-        others = max(0, stats.get("running", 0) + stats.get("waiting", 0) - seen[1])  # another router's
-        return mine + others, -stats.get("free_blocks", 0)
+        others = sum(1 for request_id in stats.get("requests", ()) if request_id not in self._sent)
+        return self._in_flight[replica.replica_id] + others, -stats.get("free_blocks", 0)
 
     def _count(self, pending: PendingRequest | None, replica: RunningReplica) -> None:
         if pending is None:
             return
+        routed = _routed_request(pending)
+        if routed is not None:
+            self._sent[routed[0]] = None
+            while len(self._sent) > MAX_REMEMBERED_REQUESTS:
+                self._sent.popitem(last=False)
         request_id = pending.metadata.internal_request_id
         self._release(request_id)  # a retried request is counted once, where it was chosen last
         self._routed[request_id] = replica.replica_id
@@ -105,8 +110,8 @@ class PrefixAffinityRouter(RequestRouter):
         if not candidate_replicas:
             return []
         candidates = {replica.replica_id: replica for replica in candidate_replicas}
-        request = _wire_request(pending_request)
-        blocks = prefix_block_hashes(request.prompt_token_ids, self.block_size) if request is not None else []
+        routed = _routed_request(pending_request)
+        blocks = prefix_block_hashes(routed[1].prompt_token_ids, self.block_size) if routed is not None else []
         least = min(candidate_replicas, key=self.load)
         chosen = self._affine(blocks, candidates)
         if chosen is None or self.load(chosen)[0] - self.load(least)[0] > self.imbalance:
@@ -123,7 +128,6 @@ class PrefixAffinityRouter(RequestRouter):
     def on_replica_actor_died(self, replica_id: ReplicaID) -> None:
         super().on_replica_actor_died(replica_id)
         self._in_flight.pop(replica_id, None)
-        self._mine_at_report.pop(replica_id, None)
         for request_id in [r for r, owner in self._routed.items() if owner == replica_id]:
             del self._routed[request_id]
         for block in [b for b, owner in self._owners.items() if owner == replica_id]:

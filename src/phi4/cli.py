@@ -45,8 +45,11 @@ def _serve(args: argparse.Namespace) -> int:
     )
     if args.replicas is not None or args.min_replicas is not None or args.max_replicas is not None \
             or args.ray_address is not None:
+        from phi4.cluster.options import ClusterOptions, use_local_ray_serve_settings
+
+        if args.ray_address is None:
+            use_local_ray_serve_settings()  # before Ray Serve is imported: it reads them then
         from phi4.cluster.app import serve_cluster  # Ray is imported only here
-        from phi4.cluster.options import ClusterOptions
 
         cluster = ClusterOptions(
             model=args.model, served_model_name=args.served_model_name,

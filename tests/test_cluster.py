@@ -317,8 +317,9 @@ def test_prefix_affinity_reuses_more_cache_than_least_loaded_routing() -> None:
 def test_a_busy_replica_loses_its_prefixes_to_an_idle_one() -> None:
     from phi4.cluster.router import prefix_block_hashes
 
+    # 35 requests on "busy", all sent by another router (this one never sent their ids)
     busy = types.SimpleNamespace(replica_id="busy", routing_stats={"requests": [f"x{i}" for i in range(35)]})
-    idle = types.SimpleNamespace(replica_id="idle", routing_stats={"requests": []})  # 35 from another router
+    idle = types.SimpleNamespace(replica_id="idle", routing_stats={"requests": []})
     instance = router(imbalance=8)
     tokens = list(range(64))
     instance._owners.update({block: "busy" for block in prefix_block_hashes(tokens, 16)})

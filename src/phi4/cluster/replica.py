@@ -92,7 +92,7 @@ class EngineReplica:
                 stream.close()  # early end (cancelled by the ingress): the engine aborts the request
 
     def record_routing_stats(self) -> dict[str, Any]:
-        return {"requests": sorted(self.holding), "free_blocks": self.engine.stats().kv_free_blocks}
+        return {"requests": list(self.holding), "free_blocks": self.engine.stats().kv_free_blocks}
 
     def _report_loop(self) -> None:
         while not self._stop.wait(REPORT_SECONDS):

@@ -64,17 +64,25 @@ class PrefixAffinityRouter(RequestRouter):
         self._routed: dict[str, ReplicaID] = {}  # Ray Serve's internal request id -> the replica chosen for it
         self._in_flight: Counter[ReplicaID] = Counter()  # requests routed here and not finished, per replica
         self._sent: OrderedDict[str, None] = OrderedDict()  # phi4 ids of the requests this router sent
+        # replica -> (its last report, how many of the requests it lists another router sent): counted once
+        # per report, not per routing decision (a report may list hundreds of requests)
+        self._others: dict[ReplicaID, tuple[dict[str, Any], int]] = {}
 
     def load(self, replica: RunningReplica) -> tuple[int, int]:
         """(sequences it has or will have, fewer free KV blocks first): lower is less loaded."""
         stats: dict[str, Any] = replica.routing_stats or {}
-        others = sum(1 for request_id in stats.get("requests", ()) if request_id not in self._sent)
-        return self._in_flight[replica.replica_id] + others, -stats.get("free_blocks", 0)
+        counted = self._others.get(replica.replica_id)
+        if counted is None or counted[0] is not stats:
+            # Ids are unique and a report lists only started requests: one this router had not sent by then,
+            # it never will, so the count holds until the next report.
+            counted = (stats, sum(1 for request_id in stats.get("requests", ()) if request_id not in self._sent))
+            self._others[replica.replica_id] = counted
+        return self._in_flight[replica.replica_id] + counted[1], -stats.get("free_blocks", 0)
 
-    def _count(self, pending: PendingRequest | None, replica: RunningReplica) -> None:
+    def _count(self, pending: PendingRequest | None, routed: tuple[str, WireRequest] | None,
+               replica: RunningReplica) -> None:
         if pending is None:
             return
-        routed = _routed_request(pending)
         if routed is not None:
             self._sent[routed[0]] = None
             while len(self._sent) > MAX_REMEMBERED_REQUESTS:
@@ -112,22 +120,28 @@ class PrefixAffinityRouter(RequestRouter):
         candidates = {replica.replica_id: replica for replica in candidate_replicas}
         routed = _routed_request(pending_request)
         blocks = prefix_block_hashes(routed[1].prompt_token_ids, self.block_size) if routed is not None else []
-        least = min(candidate_replicas, key=self.load)
+        loads = {replica.replica_id: self.load(replica) for replica in candidate_replicas}
+
+        def load(replica: RunningReplica) -> tuple[int, int]:
+            return loads[replica.replica_id]
+
+        least = min(candidate_replicas, key=load)
         chosen = self._affine(blocks, candidates)
-        if chosen is None or self.load(chosen)[0] - self.load(least)[0] > self.imbalance:
+        if chosen is None or load(chosen)[0] - load(least)[0] > self.imbalance:
             pair = random.sample(candidate_replicas, min(2, len(candidate_replicas)))  # random order: ties spread
-            chosen = min(pair, key=self.load)  # power of two choices
-        self._count(pending_request, chosen)
+            chosen = min(pair, key=load)  # power of two choices
+        self._count(pending_request, routed, chosen)
         for block in blocks:
             self._owners[block] = chosen.replica_id
             self._owners.move_to_end(block)
         while len(self._owners) > MAX_REMEMBERED_BLOCKS:
             self._owners.popitem(last=False)
-        return [[chosen], sorted((r for r in candidate_replicas if r is not chosen), key=self.load)]
+        return [[chosen], sorted((r for r in candidate_replicas if r is not chosen), key=load)]
 
     def on_replica_actor_died(self, replica_id: ReplicaID) -> None:
         super().on_replica_actor_died(replica_id)
         self._in_flight.pop(replica_id, None)
+        self._others.pop(replica_id, None)
         for request_id in [r for r, owner in self._routed.items() if owner == replica_id]:
             del self._routed[request_id]
         for block in [b for b, owner in self._owners.items() if owner == replica_id]:

@@ -16,8 +16,13 @@ engines make batches half as big, which costs throughput wherever a step is boun
 layers, ~4 ms of one core per token; large: hidden 1536, 12 layers, ~25 ms), closer to a real model, where
 the engines and not the HTTP and Ray messaging around them are the bottleneck.
 
-Usage: python benchmarks/scale_out.py [--shape demo|medium|large] [--clients 16] [--requests 256|64]
-       [--prompt-tokens 128] [--output-tokens 64]
+The host's speed drifts (on a shared 2-vCPU VM by 10-25 % from one minute to the next), so one pass over
+the arms can put a fast minute under one arm and a slow one under the next. `--rounds` repeats the four arms,
+every other round in reverse order (1 and 2 replicas always run back to back), and the summary gives each
+ratio per round and their median.
+
+Usage: python benchmarks/scale_out.py [--shape demo|medium|large] [--rounds 2] [--clients 16]
+       [--requests 256|64] [--prompt-tokens 128] [--output-tokens 64]
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import argparse
 import asyncio
 import json
 import os
+import statistics
 import subprocess
 import tempfile
 from pathlib import Path
@@ -49,19 +55,21 @@ def start(extra: list[str], threads: int | None, model: str) -> tuple[subprocess
     return start_server(("--max-model-len", "1024", *extra), env, every_replica_up, timeout=300, model=model)
 
 
-def measure(name: str, extra: list[str], threads: int | None, prompts: list[list[int]], args: argparse.Namespace,
-            servers: int = 1) -> dict:
+def measure(name: str, extra: list[str], threads: int | None, servers: int, prompts: list[list[int]],
+            args: argparse.Namespace, round_index: int) -> dict:
     """One arm: `servers` servers started alike (more than one: independent processes, the clients split
     evenly over them), warmed up, then the workload."""
     started = [start(extra, threads, args.model) for _ in range(servers)]
     urls = [url for _, url in started]
     try:
-        asyncio.run(drive(urls, prompts[: 4 * servers], 4 * servers, 4, 60))  # warm-up: compile and allocate
+        # Warm-up (compile, allocate) on other prompts than the workload's: the router would remember where
+        # it sent these and send them there again, whatever the load.
+        asyncio.run(drive(urls, workload(4 * servers, args.prompt_tokens, seed=1), 4 * servers, 4, 60))
         figures = asyncio.run(drive(urls, prompts, args.clients, args.output_tokens, args.max_seconds))
     finally:
         for process, _ in started:
             stop_server(process)
-    line = {"arm": name, **{k: round(v, 2) for k, v in figures.items()}}
+    line = {"arm": name, "round": round_index, **{k: round(v, 2) for k, v in figures.items()}}
     print(json.dumps(line), flush=True)
     return line
 
@@ -70,6 +78,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_workload_arguments(parser, requests=0)
     parser.add_argument("--shape", choices=["demo", *BENCHMARK_SHAPES], default="demo")
+    parser.add_argument("--rounds", type=int, default=2, help="passes over the four arms (alternating order)")
     args = parser.parse_args()
     # Long enough that starting and draining the clients' waves weigh little: the demo serves 64 requests
     # in 3-4 s, a larger shape in a minute or more.
@@ -77,17 +86,25 @@ def main() -> None:
     prompts = workload(args.requests, args.prompt_tokens)
     checkpoint = tempfile.TemporaryDirectory()
     args.model = "demo" if args.shape == "demo" else str(write_shaped_checkpoint(Path(checkpoint.name), args.shape))
-    one_process = measure("one process, 1 thread", [], 1, prompts, args)
-    ray_one = measure("Ray Serve, 1 replica", ["--replicas", "1", "--cpus-per-replica", "1"], None, prompts, args)
-    ray_two = measure("Ray Serve, 2 replicas", ["--replicas", "2", "--cpus-per-replica", "1"], None, prompts, args)
-    two_processes = measure("2 processes, no Ray, 1 thread each", [], 1, prompts, args, servers=2)
+    # arm -> (what it prints, serve's extra arguments, OMP threads, servers)
+    arms = {"one_process": ("one process, 1 thread", [], 1, 1),
+            "ray_one": ("Ray Serve, 1 replica", ["--replicas", "1", "--cpus-per-replica", "1"], None, 1),
+            "ray_two": ("Ray Serve, 2 replicas", ["--replicas", "2", "--cpus-per-replica", "1"], None, 1),
+            "two_processes": ("2 processes, no Ray, 1 thread each", [], 1, 2)}
+    tok_s: dict[str, list[float]] = {arm: [] for arm in arms}
+    for round_index in range(args.rounds):
+        for arm in list(arms) if round_index % 2 == 0 else reversed(list(arms)):
+            tok_s[arm].append(measure(*arms[arm], prompts, args, round_index)["output_tok_s"])
+
+    def ratio(numerator: str, denominator: str) -> dict[str, float | list[float]]:
+        per_round = [a / b for a, b in zip(tok_s[numerator], tok_s[denominator])]
+        return {"median": round(statistics.median(per_round), 3), "rounds": [round(r, 3) for r in per_round]}
+
     print(json.dumps({"figure": "scale_out", "shape": args.shape, "cpu": cpu_name(), "cores": os.cpu_count(),
-                      "scaling_2_over_1": round(ray_two["output_tok_s"] / ray_one["output_tok_s"], 3),
-                      "scaling_target": 1.6,
-                      "machine_2_over_1": round(two_processes["output_tok_s"] / one_process["output_tok_s"], 3),
-                      "ray_two_over_two_processes": round(ray_two["output_tok_s"] / two_processes["output_tok_s"], 3),
-                      "ray_over_one_process": round(ray_one["output_tok_s"] / one_process["output_tok_s"], 3),
-                      "overhead_target": 0.85}))
+                      "rounds": args.rounds, "scaling_2_over_1": ratio("ray_two", "ray_one"), "scaling_target": 1.6,
+                      "machine_2_over_1": ratio("two_processes", "one_process"),
+                      "ray_two_over_two_processes": ratio("ray_two", "two_processes"),
+                      "ray_over_one_process": ratio("ray_one", "one_process"), "overhead_target": 0.85}))
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ import concurrent.futures
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 import time
@@ -281,3 +282,20 @@ def test_a_model_that_cannot_load_ends_the_server_with_the_reason(tmp_path: Path
     )
     assert result.returncode == 1
     assert "could not load" in result.stderr and "missing-checkpoint" in result.stderr
+
+
+@pytest.mark.parametrize("fleet", [[], ["--replicas", "2"]], ids=["one process", "fleet"])
+def test_a_port_already_taken_ends_the_server_at_once_with_the_reason(fleet: list[str]) -> None:
+    """Before the model loads (and, for a fleet, before Ray starts): not after, with a C++ abort on the way out
+    (one process: uvicorn bound only once the load had begun) or a HAProxy traceback (a fleet)."""
+    if fleet:
+        pytest.importorskip("ray.serve")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run([sys.executable, "-m", "phi4.cli", "serve", "--model", "demo", "--port", str(port),
+                                 *fleet], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
+    assert "loaded" not in result.stderr and "Traceback" not in result.stderr

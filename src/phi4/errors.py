@@ -15,6 +15,10 @@ class ModelNotFoundError(Phi4Error):
     """A model name resolves to neither the demo, a local directory, nor a reachable Hub repository."""
 
 
+class AddressInUseError(Phi4Error, OSError):
+    """The address a server was asked to listen on is taken (or cannot be bound at all)."""
+
+
 class InvalidRequestError(Phi4Error, ValueError):
     """A request's parameters are out of range or inconsistent; `param` names the culprit."""
 

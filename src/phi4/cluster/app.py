@@ -27,6 +27,7 @@ from phi4.cluster.client import RayEngineClient
 from phi4.cluster.fleet import FleetView, registry
 from phi4.cluster.options import ClusterOptions, use_local_ray_serve_settings
 from phi4.cluster.replica import EngineReplica
+from phi4.server.serve import bind_listening_socket
 
 logger = logging.getLogger("phi4.cluster")
 APP_NAME = "phi4"
@@ -122,6 +123,7 @@ def serve_cluster(options: ClusterOptions, host: str, port: int, ray_address: st
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cache = os.environ.get("PHI4_CACHE")  # where the demo checkpoint and the CPU kernels are built
     if ray_address is None:
+        bind_listening_socket(host, port).close()  # taken: say so now, not after Ray started and HAProxy failed
         use_local_ray_serve_settings()  # Ray's processes, started below, inherit them
         if serve_constants.RAY_SERVE_THROUGHPUT_OPTIMIZED != (os.environ["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "1"):
             logger.warning("Ray Serve was imported before its settings were chosen; this process reads them "

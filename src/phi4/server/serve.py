@@ -21,6 +21,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from phi4.config import EngineConfig
 from phi4.engine.client import InProcessEngine
 from phi4.engine.engine import LLMEngine
+from phi4.errors import AddressInUseError
 from phi4.model.loader import resolve_checkpoint
 from phi4.server.app import LoadingState, create_app
 from phi4.server.errors import shutting_down
@@ -52,6 +53,22 @@ def load_state(options: ServeOptions) -> ServerState:
                 engine.max_model_len, engine.block_manager.num_blocks)
     return ServerState(InProcessEngine(engine), options.served_model_name, options.api_key, options.max_queue,
                        options.max_stop_sequences)
+
+
+def bind_listening_socket(host: str, port: int) -> socket.socket:
+    """The server's socket, bound before anything else starts: a port that is taken fails at once with a
+    clear reason, not after the model has loaded (uvicorn binds only then, and exits with the load still
+    running). uvicorn listens on it; a fleet (`--replicas`) only checks, since HAProxy binds its own."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: a closed server's port is free
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise AddressInUseError(f"cannot listen on {host}:{port}: {exc.strerror or exc} (is another server, or "
+                                f"the HAProxy of an earlier `phi4 serve --replicas`, still running? "
+                                f"`ss -ltnp 'sport = :{port}'` shows which process holds it)") from exc
+    return sock
 
 
 def protocol_with_header_timeout(seconds: float) -> type[H11Protocol]:
@@ -121,10 +138,11 @@ def build_server(options: ServeOptions, log_level: str = "info") -> tuple[Gracef
 def serve(options: ServeOptions) -> int:
     """Serve until a signal; the exit status is 1 when the model could not be loaded."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    listening = bind_listening_socket(options.host, options.port)
     server, loading = build_server(options)
     loading.start()
     try:
-        server.run()
+        server.run(sockets=[listening])
     finally:
         if loading.state is not None:
             loading.state.engine.shutdown()

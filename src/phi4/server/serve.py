@@ -104,6 +104,13 @@ class GracefulServer(uvicorn.Server):
         self.loading = loading
         self.grace = grace
 
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if sockets and self.started:  # uvicorn announces only an address it bound itself; scripts wait for this
+            host, port = sockets[0].getsockname()[:2]
+            logging.getLogger("uvicorn.error").info("Uvicorn running on http://%s:%d (Press CTRL+C to quit)",
+                                                    f"[{host}]" if ":" in host else host, port)
+
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         expiry = asyncio.get_running_loop().call_later(self.grace, self._end_open_requests)
         try:

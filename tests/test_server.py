@@ -299,3 +299,10 @@ def test_a_port_already_taken_ends_the_server_at_once_with_the_reason(fleet: lis
     assert result.returncode == 2, result.stderr[-2000:]
     assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
     assert "loaded" not in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_host_that_is_not_this_machines_ends_the_server_with_the_reason() -> None:
+    result = subprocess.run([sys.executable, "-m", "phi4.cli", "serve", "--model", "demo", "--host", "198.51.100.7",
+                             "--port", str(free_port())], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "cannot listen on 198.51.100.7:" in result.stderr
+    assert "another server" not in result.stderr  # the hint is for a port that is taken

@@ -15,8 +15,9 @@ class ModelNotFoundError(Phi4Error):
     """A model name resolves to neither the demo, a local directory, nor a reachable Hub repository."""
 
 
-class AddressInUseError(Phi4Error, OSError):
-    """The address a server was asked to listen on is taken (or cannot be bound at all)."""
+class CannotListenError(Phi4Error, OSError):
+    """A server cannot listen where it was asked to: the port is taken, the host is not this machine's, or the
+    port needs privileges."""
 
 
 class InvalidRequestError(Phi4Error, ValueError):

@@ -10,6 +10,7 @@ within `body_timeout` (else 408).
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import socket
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from phi4.config import EngineConfig
 from phi4.engine.client import InProcessEngine
 from phi4.engine.engine import LLMEngine
-from phi4.errors import AddressInUseError
+from phi4.errors import CannotListenError
 from phi4.model.loader import resolve_checkpoint
 from phi4.server.app import LoadingState, create_app
 from phi4.server.errors import shutting_down
@@ -57,17 +58,18 @@ def load_state(options: ServeOptions) -> ServerState:
 
 def bind_listening_socket(host: str, port: int) -> socket.socket:
     """The server's socket, bound before anything else starts: a port that is taken fails at once with a
-    clear reason, not after the model has loaded (uvicorn binds only then, and exits with the load still
-    running). uvicorn listens on it; a fleet (`--replicas`) only checks, since HAProxy binds its own."""
+    clear reason. (uvicorn would bind only after the model had begun loading, then exit with the load still
+    running, which ended in a C++ abort.) uvicorn listens on it; a fleet (`--replicas`) only checks, since
+    HAProxy binds its own."""
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: a closed server's port is free
     try:
         sock.bind((host, port))
     except OSError as exc:
         sock.close()
-        raise AddressInUseError(f"cannot listen on {host}:{port}: {exc.strerror or exc} (is another server, or "
-                                f"the HAProxy of an earlier `phi4 serve --replicas`, still running? "
-                                f"`ss -ltnp 'sport = :{port}'` shows which process holds it)") from exc
+        hint = (f" (another server, or the HAProxy of an earlier `phi4 serve --replicas` still running? "
+                f"`ss -ltnp 'sport = :{port}'` shows which process holds it)" if exc.errno == errno.EADDRINUSE else "")
+        raise CannotListenError(f"cannot listen on {host}:{port}: {exc.strerror or exc}{hint}") from exc
     return sock
 
 

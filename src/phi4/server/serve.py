@@ -145,7 +145,8 @@ def build_server(options: ServeOptions, log_level: str = "info") -> tuple[Gracef
 
 
 def serve(options: ServeOptions) -> int:
-    """Serve until a signal; the exit status is 1 when the model could not be loaded."""
+    """Serve until a signal; the exit status is 1 when the model could not be loaded. An address it cannot
+    listen on raises CannotListenError before anything starts."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     listening = bind_listening_socket(options.host, options.port)
     server, loading = build_server(options)

@@ -19,8 +19,8 @@ import tempfile
 import time
 from pathlib import Path
 
-import httpx
-from serve_load import add_workload_arguments, drive, start_server, stop_server, workload  # benchmarks/serve_load.py
+from scale_out import start, warm_up  # benchmarks/scale_out.py
+from serve_load import add_workload_arguments, drive, stop_server, workload  # benchmarks/serve_load.py
 
 from phi4.bench import cpu_name
 from phi4.demo import BENCHMARK_SHAPES, write_shaped_checkpoint
@@ -64,26 +64,20 @@ def main() -> None:
     args = parser.parse_args()
     checkpoint = tempfile.TemporaryDirectory()
     model = "demo" if args.shape == "demo" else str(write_shaped_checkpoint(Path(checkpoint.name), args.shape))
-    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0")
-
-    def both_up(response: httpx.Response) -> bool:
-        return response.json()["healthy_replicas"] >= 2
-
-    process, url = start_server(("--max-model-len", "1024", "--replicas", "2", "--cpus-per-replica", "1"), env,
-                                both_up, timeout=300, model=model)
+    process, url = start(["--replicas", "2", "--cpus-per-replica", "1"], None, model)
     try:
-        asyncio.run(drive(url, workload(4, args.prompt_tokens), 4, 4, 60))  # warm-up: compile and allocate
+        warm_up([url], args.prompt_tokens)
         time.sleep(5)
         before = cpu_ticks()
         time.sleep(args.idle_seconds)
         idle = percent_of_a_core(before, cpu_ticks(), args.idle_seconds)
         print(json.dumps({"phase": "idle", "shape": args.shape, "cpu": cpu_name(),
                           "total_percent_of_a_core": round(sum(idle.values()), 1), "processes": idle}), flush=True)
-        before, start = cpu_ticks(), time.monotonic()
+        before, began = cpu_ticks(), time.monotonic()
         figures = drive(url, workload(args.requests, args.prompt_tokens), args.clients, args.output_tokens,
                         args.max_seconds)
         output_tok_s = asyncio.run(figures)["output_tok_s"]
-        loaded = percent_of_a_core(before, cpu_ticks(), time.monotonic() - start)
+        loaded = percent_of_a_core(before, cpu_ticks(), time.monotonic() - began)
         print(json.dumps({"phase": "load", "shape": args.shape, "cpu": cpu_name(),
                           "output_tok_s": round(output_tok_s, 1),
                           "total_percent_of_a_core": round(sum(loaded.values()), 1), "processes": loaded}), flush=True)

@@ -55,6 +55,12 @@ def start(extra: list[str], threads: int | None, model: str) -> tuple[subprocess
     return start_server(("--max-model-len", "1024", *extra), env, every_replica_up, timeout=300, model=model)
 
 
+def warm_up(urls: list[str], prompt_tokens: int) -> None:
+    """Compile and allocate, on other prompts than the workload's: a fleet's router remembers where it sent
+    these and would send them there again, whatever the load."""
+    asyncio.run(drive(urls, workload(4 * len(urls), prompt_tokens, seed=1), 4 * len(urls), 4, 60))
+
+
 def measure(name: str, extra: list[str], threads: int | None, servers: int, prompts: list[list[int]],
             args: argparse.Namespace, round_index: int) -> dict:
     """One arm: `servers` servers started alike (more than one: independent processes, the clients split
@@ -62,9 +68,7 @@ def measure(name: str, extra: list[str], threads: int | None, servers: int, prom
     started = [start(extra, threads, args.model) for _ in range(servers)]
     urls = [url for _, url in started]
     try:
-        # Warm-up (compile, allocate) on other prompts than the workload's: the router would remember where
-        # it sent these and send them there again, whatever the load.
-        asyncio.run(drive(urls, workload(4 * servers, args.prompt_tokens, seed=1), 4 * servers, 4, 60))
+        warm_up(urls, args.prompt_tokens)
         figures = asyncio.run(drive(urls, prompts, args.clients, args.output_tokens, args.max_seconds))
     finally:
         for process, _ in started:

@@ -6,18 +6,16 @@ run by uvicorn in a thread; its log goes to a file, not to the conversation."""
 from __future__ import annotations
 
 import logging
-import socket
 import threading
 import time
 from pathlib import Path
 
-from phi4.server.serve import ServeOptions, build_server
+from phi4.server.serve import ServeOptions, bind_listening_socket, build_server
 
 
 class LocalServer:
     def __init__(self, options: ServeOptions, log_path: Path) -> None:
-        self._socket = socket.socket()
-        self._socket.bind(("127.0.0.1", 0))
+        self._socket = bind_listening_socket("127.0.0.1", 0)
         port = self._socket.getsockname()[1]
         self.url = f"http://127.0.0.1:{port}"
         self.server, self.loading = build_server(options)  # (uvicorn configures its loggers here)

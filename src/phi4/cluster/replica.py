@@ -78,14 +78,12 @@ class EngineReplica:
             batch: list[RequestOutput] = []
             sent_first = False
             last_sent = time.monotonic()
-            async for output in stream:
+            async for output in stream:  # it ends with a finished output (or raises), sent at once
                 self.tokens += len(output.new_token_ids)
                 batch.append(output)
                 if not sent_first or output.finished or time.monotonic() - last_sent >= self.stream_interval:
                     yield _without_prompt(merge_outputs(batch))
                     batch, sent_first, last_sent = [], True, time.monotonic()
-            if batch:
-                yield _without_prompt(merge_outputs(batch))
         finally:
             self.holding.discard(request_id)
             if stream is not None:

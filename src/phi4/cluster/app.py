@@ -128,9 +128,9 @@ def serve_cluster(options: ClusterOptions, host: str, port: int, ray_address: st
         if serve_constants.RAY_SERVE_THROUGHPUT_OPTIMIZED != (os.environ["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "1"):
             logger.warning("Ray Serve was imported before its settings were chosen; this process reads them "
                            "otherwise than Ray's (call use_local_ray_serve_settings() before importing ray.serve)")
-    # A local instance runs without Ray's dashboard (its head and modules: ~1-3 % of a core that the engines
-    # need on a small machine; /health and /metrics are phi4's own); for the dashboard, `ray start --head`
-    # and --ray-address.
+    # A local instance runs without Ray's dashboard: no web UI and none of the module processes behind it
+    # (Ray keeps a bare head process), ~1-3 % of a core that the engines need on a small machine; /health and
+    # /metrics are phi4's own. For the dashboard, `ray start --head` and --ray-address.
     ray.init(address=ray_address, namespace="phi4", log_to_driver=True,
              include_dashboard=False if ray_address is None else None,
              runtime_env={"env_vars": {"PHI4_CACHE": cache}} if cache else None)

@@ -22,7 +22,8 @@ from phi4.config import EngineConfig
 # (phi4 has its own /metrics), Serve's metrics flushed once a second rather than ten times, and task events
 # (the state API's task list). Together with no dashboard, 3-5 % of a core less under load.
 LOCAL_RAY_SERVE_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1",
-                       "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.5", "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2",
+                       "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.5",
+                       "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2",
                        "RAY_enable_metrics_collection": "0", "RAY_SERVE_METRICS_EXPORT_INTERVAL_MS": "1000",
                        "RAY_task_events_report_interval_ms": "0"}
 

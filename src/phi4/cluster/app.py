@@ -122,17 +122,15 @@ def serve_cluster(options: ClusterOptions, host: str, port: int, ray_address: st
     signal, then take it down (and the local Ray with it)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cache = os.environ.get("PHI4_CACHE")  # where the demo checkpoint and the CPU kernels are built
-    if ray_address is None:
+    local = ray_address is None
+    if local:
         bind_listening_socket(host, port).close()  # taken: say so now, not after Ray started and HAProxy failed
         use_local_ray_serve_settings()  # Ray's processes, started below, inherit them
         if serve_constants.RAY_SERVE_THROUGHPUT_OPTIMIZED != (os.environ["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "1"):
             logger.warning("Ray Serve was imported before its settings were chosen; this process reads them "
                            "otherwise than Ray's (call use_local_ray_serve_settings() before importing ray.serve)")
-    # A local instance runs without Ray's dashboard: no web UI and none of the module processes behind it
-    # (Ray keeps a bare head process), ~1-3 % of a core that the engines need on a small machine; /health and
-    # /metrics are phi4's own. For the dashboard, `ray start --head` and --ray-address.
     ray.init(address=ray_address, namespace="phi4", log_to_driver=True,
-             include_dashboard=False if ray_address is None else None,
+             include_dashboard=False if local else None,  # why: beside LOCAL_RAY_SERVE_ENV (options.py)
              runtime_env={"env_vars": {"PHI4_CACHE": cache}} if cache else None)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

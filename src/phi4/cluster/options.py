@@ -18,9 +18,10 @@ from phi4.config import EngineConfig
 # defaults, 13 % with these (benchmarks/scale_out.py and the README have the figures). An ingress that
 # stops drains for 2 s, not 30: the wait is for an external load balancer to stop sending to it, and here the
 # load balancer is the HAProxy on this node, which Ray tells at once (with 30 s, Ctrl-C took 32 s).
-# And what only Ray's dashboard reads, which the local instance does not start (serve_cluster): Ray's metrics
-# (phi4 has its own /metrics), Serve's metrics flushed once a second rather than ten times, and task events
-# (the state API's task list). Together with no dashboard, 3-5 % of a core less under load.
+# And no Ray dashboard (serve_cluster's ray.init: no web UI and none of its module processes; Ray keeps a bare
+# head process), nor what only the dashboard reads: Ray's metrics (phi4 has its own /health and /metrics) and
+# task events (the state API's task list); Serve's metrics flushed once a second rather than ten times. Together
+# 3-5 % of a core less under load. For the dashboard: `ray start --head`, then --ray-address.
 LOCAL_RAY_SERVE_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1",
                        "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.5",
                        "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2",

@@ -368,6 +368,33 @@ def test_a_report_taken_before_a_replicas_requests_finished_does_not_count_them_
     assert [instance.load(r)[0] for r in (r0, r1)] == [4, 6]
 
 
+def test_a_replica_that_stops_reporting_shows_unhealthy_and_is_then_forgotten(monkeypatch) -> None:  # noqa: ANN001
+    # Ray Serve's updates carry every replica's last routing stats, so a dead replica's old report keeps
+    # coming until the controller drops it: only a new report (a new `at`) counts as the replica being alive.
+    from phi4.cluster import fleet
+    from phi4.engine.engine import EngineStats
+
+    clock = [1000.0]
+    monkeypatch.setattr(fleet.time, "monotonic", lambda: clock[0])
+    view = fleet.FleetView()
+
+    def report(replica: str, at: float, running: int) -> dict:
+        return {**fleet.report_of(replica, "node-1", 7, EngineStats(running, 0, 0.5, 10, 0, 0), 3, 30), "at": at}
+
+    for second in range(8):  # "a" reports every second; "b" reported once, at 0, and then went quiet
+        clock[0] = 1000.0 + second
+        view.observe(report("a", second, running=2))
+        view.observe(report("b", 0, running=5))
+    health = view.health()
+    assert health["status"] == "degraded" and health["healthy_replicas"] == 1
+    assert {r["replica"]: r["healthy"] for r in health["replicas"]} == {"a": True, "b": False}
+    assert view.totals().num_running == 2  # admission counts only the replicas that answer
+    assert 'phi4_replica_up{replica="b",node="node-1"} 0' in view.render()
+    clock[0] += fleet.FORGET_SECONDS
+    view.observe(report("a", 99, running=1))
+    assert [r["replica"] for r in view.health()["replicas"]] == ["a"]
+
+
 def test_merged_outputs_read_as_the_outputs_one_after_another() -> None:
     from phi4.engine.request import RequestOutput, merge_outputs
     from phi4.engine.sampling import TokenLogprob

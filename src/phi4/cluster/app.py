@@ -24,7 +24,7 @@ from ray.serve.config import RequestRouterConfig
 from ray.serve.handle import DeploymentHandle
 
 from phi4.cluster.client import RayEngineClient
-from phi4.cluster.fleet import FleetView, registry
+from phi4.cluster.fleet import fleet_view
 from phi4.cluster.options import ClusterOptions, use_local_ray_serve_settings
 from phi4.cluster.replica import EngineReplica
 from phi4.server.serve import bind_listening_socket
@@ -32,7 +32,6 @@ from phi4.server.serve import bind_listening_socket
 logger = logging.getLogger("phi4.cluster")
 APP_NAME = "phi4"
 ENTRY_POINT = "phi4.cluster.app:build"  # what a Serve config or RayService imports
-FLEET_REFRESH_SECONDS = 1.0
 
 
 class Phi4Ingress:
@@ -42,7 +41,7 @@ class Phi4Ingress:
 
         self.options = ClusterOptions.from_args(args)
         self.replicas = replicas
-        self.fleet = FleetView(registry(serve.get_replica_context().app_name))
+        self.fleet = fleet_view(serve.get_replica_context().app_name)  # the router of `replicas` fills it
         options = self.options
         # Ray Serve builds the ingress on the loop that serves its requests; handle calls are made there (with
         # RAY_SERVE_THROUGHPUT_OPTIMIZED, a handle may only be used from inside that loop).
@@ -61,15 +60,6 @@ class Phi4Ingress:
 
         self.loading = LoadingState(load)
         self.loading.start()
-        self._refresher: asyncio.Task[None] | None = None
-
-    async def _refresh_forever(self) -> None:
-        while True:
-            try:
-                await self.fleet.refresh()
-            except Exception:  # noqa: BLE001 - the registry restarts; the view keeps its last copy meanwhile
-                logger.debug("fleet refresh failed", exc_info=True)
-            await asyncio.sleep(FLEET_REFRESH_SECONDS)
 
     def __serve_build_asgi_app__(self):  # noqa: ANN204 - Ray Serve's hook: the ASGI app, built on the replica
         from phi4.server.app import create_app
@@ -77,10 +67,7 @@ class Phi4Ingress:
         return create_app(self.loading, body_timeout=self.options.body_timeout)
 
     async def check_health(self) -> None:
-        """Ray Serve calls this every `health_check_period_s` on the loop that serves requests; the first
-        call starts the fleet view's refresh there."""
-        if self._refresher is None:
-            self._refresher = asyncio.create_task(self._refresh_forever())
+        """Ray Serve calls this every `health_check_period_s`."""
         if self.loading.error is not None:
             raise RuntimeError(f"the ingress could not start: {self.loading.error}")
 
@@ -144,8 +131,4 @@ def serve_cluster(options: ClusterOptions, host: str, port: int, ray_address: st
         return 0
     finally:
         serve.shutdown()
-        try:
-            ray.kill(ray.get_actor(f"fleet-{APP_NAME}", namespace="phi4"))
-        except ValueError:
-            pass
         ray.shutdown()

@@ -1,20 +1,22 @@
-"""Where the replicas tell the ingress how they are: a small named Ray actor that each replica reports to
-once a second, and that the ingress reads (every second) for `/health`, `/metrics` and the fleet's totals.
+"""How the replicas are, as the ingress knows it: each replica's report rides on the routing stats that Ray
+Serve collects from it every second (`record_routing_stats`) and hands to the ingress's router, which passes
+it here (`fleet_view(app).observe`); `/health`, `/metrics` and the fleet's totals read it. One channel, no
+actor of its own and no thread in the replica.
 
-A replica that stops reporting (it died, or its node did) is shown unhealthy after `STALE_SECONDS` and
-dropped after `FORGET_SECONDS`; Ray Serve starts its replacement, which reports under its own id."""
+A replica that stops reporting (it died, or its node did, or its loop is stuck) is shown unhealthy after
+`STALE_SECONDS` and dropped after `FORGET_SECONDS`; Ray Serve starts its replacement, which reports under its
+own id. Ages are measured on this process's clock, from when a report arrived, so the nodes' clocks need not
+agree."""
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
-import ray
-
 from phi4.engine.engine import EngineStats
 
-REGISTRY_NAMESPACE = "phi4"
 STALE_SECONDS = 5.0
 FORGET_SECONDS = 60.0
 
@@ -31,28 +33,7 @@ class ReplicaReport:
     prefix_hit_tokens: int
     requests_total: int
     generation_tokens_total: int
-    at: float  # time.time() of the report
-
-
-@ray.remote(num_cpus=0)
-class FleetRegistry:
-    def __init__(self) -> None:
-        self._reports: dict[str, dict[str, Any]] = {}
-
-    def report(self, report: dict[str, Any]) -> None:
-        self._reports[report["replica"]] = report
-
-    def snapshot(self) -> list[dict[str, Any]]:
-        now = time.time()
-        self._reports = {k: r for k, r in self._reports.items() if now - r["at"] < FORGET_SECONDS}
-        return sorted(self._reports.values(), key=lambda r: r["replica"])
-
-
-def registry(app_name: str) -> ray.actor.ActorHandle:
-    """The registry of one phi4 application, created by whoever asks first (it outlives replicas)."""
-    actor_class: Any = FleetRegistry  # a Ray actor class: .options() comes from @ray.remote
-    return actor_class.options(name=f"fleet-{app_name}", namespace=REGISTRY_NAMESPACE, get_if_exists=True,
-                               lifetime="detached").remote()
+    at: float  # the replica's time.time() when it made the report: tells a new report from one seen before
 
 
 def report_of(replica: str, node: str, pid: int, stats: EngineStats, requests: int, tokens: int) -> dict[str, Any]:
@@ -61,19 +42,34 @@ def report_of(replica: str, node: str, pid: int, stats: EngineStats, requests: i
 
 
 class FleetView:
-    """The ingress's copy of the registry, refreshed in the background: totals for admission and the
-    gauges (read synchronously), per-replica health and series."""
+    """The last report of every replica of one application, with when it arrived: totals for admission and
+    the gauges, per-replica health and series. The router may run on a loop of its own (Ray Serve's
+    RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP), hence the lock."""
 
-    def __init__(self, registry_handle: ray.actor.ActorHandle) -> None:
-        self._registry = registry_handle
-        self.reports: list[dict[str, Any]] = []
+    def __init__(self) -> None:
+        self._received: dict[str, tuple[dict[str, Any], float]] = {}  # replica -> (report, monotonic arrival)
+        self._lock = threading.Lock()
 
-    async def refresh(self) -> None:
-        self.reports = await self._registry.snapshot.remote()
+    def observe(self, report: dict[str, Any]) -> None:
+        """A replica's report as the router got it; Ray Serve sends every replica's with each update, so one
+        seen before (the same `at`) keeps its arrival time."""
+        with self._lock:
+            seen = self._received.get(report["replica"])
+            if seen is None or seen[0]["at"] != report["at"]:
+                self._received[report["replica"]] = (report, time.monotonic())
+
+    @property
+    def reports(self) -> list[dict[str, Any]]:
+        """Every report not yet forgotten, each with `age`: seconds since it arrived."""
+        now = time.monotonic()
+        with self._lock:
+            for replica in [k for k, (_, arrived) in self._received.items() if now - arrived >= FORGET_SECONDS]:
+                del self._received[replica]
+            received = sorted(self._received.items())
+        return [{**report, "age": now - arrived} for _, (report, arrived) in received]
 
     def live(self) -> list[dict[str, Any]]:
-        now = time.time()
-        return [r for r in self.reports if now - r["at"] < STALE_SECONDS]
+        return [r for r in self.reports if r["age"] < STALE_SECONDS]
 
     def totals(self) -> EngineStats:
         live = self.live()
@@ -84,10 +80,9 @@ class FleetView:
                            0, sum(r["prefix_hit_tokens"] for r in live))
 
     def health(self) -> dict[str, Any]:
-        now = time.time()
         replicas = [{"replica": r["replica"], "node": r["node"], "pid": r["pid"],
-                     "healthy": now - r["at"] < STALE_SECONDS, "running": r["running"], "waiting": r["waiting"],
-                     "kv_cache_usage": round(r["kv_cache_usage"], 4), "seconds_since_report": round(now - r["at"], 2)}
+                     "healthy": r["age"] < STALE_SECONDS, "running": r["running"], "waiting": r["waiting"],
+                     "kv_cache_usage": round(r["kv_cache_usage"], 4), "seconds_since_report": round(r["age"], 2)}
                     for r in self.reports]
         healthy = sum(r["healthy"] for r in replicas)
         return {"status": "ok" if healthy == len(replicas) and healthy else "degraded" if healthy else "unavailable",
@@ -107,11 +102,19 @@ class FleetView:
                                                      "cache.", "prefix_hit_tokens"),
             "phi4_replica_up": ("gauge", "1 while a replica reports, 0 once it has gone quiet.", None),
         }
-        now = time.time()
+        reports = self.reports
         lines = []
         for name, (kind, help_text, key) in series.items():
             lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
-            for r in self.reports:
-                value = (1 if now - r["at"] < STALE_SECONDS else 0) if key is None else r[key]
+            for r in reports:
+                value = (1 if r["age"] < STALE_SECONDS else 0) if key is None else r[key]
                 lines.append(f'{name}{{replica="{r["replica"]}",node="{r["node"][:12]}"}} {value:g}')
         return "\n".join(lines) + "\n"
+
+
+_VIEWS: dict[str, FleetView] = {}
+
+
+def fleet_view(app_name: str) -> FleetView:
+    """This process's view of one application's replicas: the router writes it, the ingress reads it."""
+    return _VIEWS.setdefault(app_name, FleetView())

@@ -1,6 +1,6 @@
 """One engine replica: an LLMEngine on one device (a GPU, or a share of a CPU node's cores), serving the
-ingress's prepared requests as streams, reporting its load to the router (`record_routing_stats`) and to
-the fleet registry.
+ingress's prepared requests as streams, and reporting its load and health in its routing stats, which Ray
+Serve collects every second and hands to the ingress's router (`record_routing_stats`).
 
 Cancellation: when the ingress cancels a stream (its client went away), Ray Serve cancels this generator;
 closing the engine stream aborts the request in the engine."""
@@ -11,7 +11,6 @@ import asyncio
 import dataclasses
 import logging
 import os
-import threading
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -19,14 +18,13 @@ from typing import Any
 import ray
 from ray import serve
 
-from phi4.cluster.fleet import registry, report_of
+from phi4.cluster.fleet import report_of
 from phi4.cluster.options import ClusterOptions
 from phi4.cluster.wire import WireRequest
 from phi4.engine.client import InProcessEngine, RequestOutput
 from phi4.engine.request import merge_outputs
 
 logger = logging.getLogger("phi4.cluster")
-REPORT_SECONDS = 1.0
 
 
 def _without_prompt(output: RequestOutput) -> RequestOutput:
@@ -52,10 +50,6 @@ class EngineReplica:
         self.requests = 0
         self.tokens = 0
         self.holding: set[str] = set()  # ids of the requests started here and not finished (for the router)
-        self._registry = registry(context.app_name)
-        self._stop = threading.Event()
-        self._reporter = threading.Thread(target=self._report_loop, name="phi4-fleet-report", daemon=True)
-        self._reporter.start()
         logger.info("replica %s ready on node %s (pid %d)", self.replica_id, self.node, os.getpid())
 
     def info(self) -> dict[str, Any]:
@@ -90,16 +84,10 @@ class EngineReplica:
                 stream.close()  # early end (cancelled by the ingress): the engine aborts the request
 
     def record_routing_stats(self) -> dict[str, Any]:
-        return {"requests": list(self.holding), "free_blocks": self.engine.stats().kv_free_blocks}
-
-    def _report_loop(self) -> None:
-        while not self._stop.wait(REPORT_SECONDS):
-            try:
-                self._registry.report.remote(report_of(self.replica_id, self.node, os.getpid(), self.engine.stats(),
-                                                       self.requests, self.tokens))
-            except Exception:  # noqa: BLE001 - the registry is being replaced; the next report will do
-                logger.debug("fleet report failed", exc_info=True)
+        """For the router: the requests held here and the free KV blocks; for /health and /metrics: the report."""
+        stats = self.engine.stats()
+        return {"requests": list(self.holding), "free_blocks": stats.kv_free_blocks,
+                "report": report_of(self.replica_id, self.node, os.getpid(), stats, self.requests, self.tokens)}
 
     def __del__(self) -> None:
-        self._stop.set()
         self.engine.shutdown()

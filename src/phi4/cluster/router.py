@@ -16,7 +16,10 @@ engine's prefix cache: a block's hash covers every token before it), so it needs
 that died is forgotten. The chosen replica comes first, the others after it in order of load, for Ray Serve
 to fall back on if it is full.
 (Ray's PrefixCacheAffinityRouter does the same on prompt text in a shared tree actor; phi4 routes on the
-token ids it already has, in-process.)"""
+token ids it already has, in-process.)
+
+The same reports carry each replica's health and counters; the router hands them to this process's fleet
+view (phi4/cluster/fleet.py), which `/health` and `/metrics` read."""
 
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ from typing import Any
 
 from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
 
+from phi4.cluster.fleet import fleet_view
 from phi4.cluster.wire import WireRequest
 
 MAX_REMEMBERED_BLOCKS = 200_000
@@ -137,6 +141,15 @@ class PrefixAffinityRouter(RequestRouter):
         while len(self._owners) > MAX_REMEMBERED_BLOCKS:
             self._owners.popitem(last=False)
         return [[chosen], sorted((r for r in candidate_replicas if r is not chosen), key=load)]
+
+    def update_replicas(self, replicas: list[RunningReplica]) -> None:
+        """Ray Serve's update of the running replicas, sent whenever one's routing stats change."""
+        super().update_replicas(replicas)
+        view = fleet_view(self.app_name)
+        for replica in replicas:
+            report = (replica.routing_stats or {}).get("report")
+            if report is not None:
+                view.observe(report)
 
     def on_replica_actor_died(self, replica_id: ReplicaID) -> None:
         super().on_replica_actor_died(replica_id)

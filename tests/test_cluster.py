@@ -425,6 +425,23 @@ def test_autoscaling_options_become_ray_serves_config() -> None:
     assert options == ClusterOptions(replicas=2)
 
 
+def test_the_command_lines_replica_options_reach_the_deployment(monkeypatch, capsys) -> None:  # noqa: ANN001
+    import phi4.cluster.app
+    import phi4.cluster.options
+    from phi4.cli import main
+
+    started = []
+    monkeypatch.setattr(phi4.cluster.options, "use_local_ray_serve_settings", lambda: None)  # leave os.environ be
+    monkeypatch.setattr(phi4.cluster.app, "serve_cluster", lambda options, *where: started.append(options) or 0)
+    assert main(["serve", "--model", "demo", "--replicas", "3", "--cpus-per-replica", "2",
+                 "--stream-interval-ms", "100"]) == 0
+    (options,) = started
+    assert (options.replicas, options.cpus_per_replica, options.stream_interval_ms) == (3, 2.0, 100.0)
+    with pytest.raises(SystemExit):
+        main(["serve", "--model", "demo", "--replicas", "2", "--stream-interval-ms", "-5"])
+    assert "--stream-interval-ms: -5: milliseconds from 0 to 10000" in capsys.readouterr().err
+
+
 def test_the_kuberay_manifest_runs_the_builder_the_cli_runs() -> None:
     import yaml
 

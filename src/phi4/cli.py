@@ -31,6 +31,13 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _milliseconds(text: str) -> float:
+    value = float(text)
+    if not 0 <= value <= 10_000:
+        raise argparse.ArgumentTypeError(f"{text}: milliseconds from 0 to 10000")
+    return value
+
+
 def _serve(args: argparse.Namespace) -> int:
     from phi4.config import EngineConfig
     from phi4.server.serve import ServeOptions, serve
@@ -57,7 +64,7 @@ def _serve(args: argparse.Namespace) -> int:
             max_stop_sequences=args.max_stop_sequences, device=args.device, dtype=args.dtype, engine=engine,
             replicas=args.replicas or 1, min_replicas=args.min_replicas, max_replicas=args.max_replicas,
             target_ongoing_requests=args.target_ongoing_requests, cpus_per_replica=args.cpus_per_replica,
-            body_timeout=args.body_timeout,
+            stream_interval_ms=args.stream_interval_ms, body_timeout=args.body_timeout,
         )
         return serve_cluster(cluster, args.host, args.port, args.ray_address)
     return serve(ServeOptions(
@@ -164,6 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="join this Ray cluster (e.g. auto, or ray://head:10001); default: start a local one")
     serve.add_argument("--cpus-per-replica", type=float, default=1.0,
                        help="on CPU nodes, the cores each replica takes (on GPU nodes each takes one GPU)")
+    serve.add_argument("--stream-interval-ms", type=_milliseconds, default=50.0,
+                       help="with replicas: a replica sends a stream's tokens in batches this far apart (its first "
+                            "and last at once); longer spends less CPU per token, shorter updates clients more often")
     serve.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     serve.add_argument("--no-prefix-caching", action="store_true")
     _add_numerics_options(serve)

@@ -6,7 +6,8 @@ actor of its own and no thread in the replica.
 A replica that stops reporting (it died, or its node did, or its loop is stuck) is shown unhealthy after
 `STALE_SECONDS` and dropped after `FORGET_SECONDS`; Ray Serve starts its replacement, which reports under its
 own id. Ages are measured on this process's clock, from when a report arrived, so the nodes' clocks need not
-agree."""
+agree. The reports travel through Serve's controller: while it restarts (Ray restarts it at once) they pause,
+and after `STALE_SECONDS` of that /health shows every replica stale though requests still flow."""
 
 from __future__ import annotations
 

@@ -381,7 +381,7 @@ def test_a_replica_that_stops_reporting_shows_unhealthy_and_is_then_forgotten(mo
     def report(replica: str, at: float, running: int) -> dict:
         return {**fleet.report_of(replica, "node-1", 7, EngineStats(running, 0, 0.5, 10, 0, 0), 3, 30), "at": at}
 
-    for second in range(8):  # "a" reports every second; "b" reported once, at 0, and then went quiet
+    for second in range(int(fleet.STALE_SECONDS) + 3):  # "a" reports every second; "b" once, at 0, then no more
         clock[0] = 1000.0 + second
         view.observe(report("a", second, running=2))
         view.observe(report("b", 0, running=5))

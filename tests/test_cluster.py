@@ -368,15 +368,14 @@ def test_a_report_taken_before_a_replicas_requests_finished_does_not_count_them_
     assert [instance.load(r)[0] for r in (r0, r1)] == [4, 6]
 
 
-def test_a_replica_that_stops_reporting_shows_unhealthy_and_is_then_forgotten(monkeypatch) -> None:  # noqa: ANN001
+def test_a_replica_that_stops_reporting_shows_unhealthy_and_is_then_forgotten() -> None:
     # Ray Serve's updates carry every replica's last routing stats, so a dead replica's old report keeps
     # coming until the controller drops it: only a new report (a new `at`) counts as the replica being alive.
     from phi4.cluster import fleet
     from phi4.engine.engine import EngineStats
 
     clock = [1000.0]
-    monkeypatch.setattr(fleet.time, "monotonic", lambda: clock[0])
-    view = fleet.FleetView()
+    view = fleet.FleetView(clock=lambda: clock[0])
 
     def report(replica: str, at: float, running: int) -> dict:
         return {**fleet.report_of(replica, "node-1", 7, EngineStats(running, 0, 0.5, 10, 0, 0), 3, 30), "at": at}

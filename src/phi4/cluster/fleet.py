@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -48,8 +49,9 @@ class FleetView:
     the gauges, per-replica health and series. The router may run on a loop of its own (Ray Serve's
     RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP), hence the lock."""
 
-    def __init__(self) -> None:
-        self._received: dict[str, tuple[dict[str, Any], float]] = {}  # replica -> (report, monotonic arrival)
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._received: dict[str, tuple[dict[str, Any], float]] = {}  # replica -> (report, its arrival)
         self._lock = threading.Lock()
 
     def observe(self, report: dict[str, Any]) -> None:
@@ -58,12 +60,12 @@ class FleetView:
         with self._lock:
             seen = self._received.get(report["replica"])
             if seen is None or seen[0]["at"] != report["at"]:
-                self._received[report["replica"]] = (report, time.monotonic())
+                self._received[report["replica"]] = (report, self._clock())
 
     @property
     def reports(self) -> list[dict[str, Any]]:
         """Every report not yet forgotten, each with `age`: seconds since it arrived."""
-        now = time.monotonic()
+        now = self._clock()
         with self._lock:
             for replica in [k for k, (_, arrived) in self._received.items() if now - arrived >= FORGET_SECONDS]:
                 del self._received[replica]

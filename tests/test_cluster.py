@@ -283,7 +283,7 @@ def pending(tokens: list[int], request_id: str = "id"):  # noqa: ANN201 - what R
 
 
 def idle_replica(name: str) -> types.SimpleNamespace:  # a RunningReplica whose last report holds nothing
-    return types.SimpleNamespace(replica_id=name, routing_stats={"requests": [], "free_blocks": 100})
+    return types.SimpleNamespace(replica_id=name, routing_stats={"requests": [], "kv_free_blocks": 100})
 
 
 def test_prefix_affinity_reuses_more_cache_than_least_loaded_routing() -> None:
@@ -356,15 +356,15 @@ def test_a_report_taken_before_a_replicas_requests_finished_does_not_count_them_
         asyncio.run(instance.choose_replicas([r0], pending([i] * 20, f"a{i}")))
     for i in range(4):
         asyncio.run(instance.choose_replicas([r1], pending([50 + i] * 20, f"b{i}")))
-    r0.routing_stats = {"requests": [f"phi4-a{i}" for i in range(8)], "free_blocks": 100}
-    r1.routing_stats = {"requests": [f"phi4-b{i}" for i in range(4)], "free_blocks": 100}
+    r0.routing_stats = {"requests": [f"phi4-a{i}" for i in range(8)], "kv_free_blocks": 100}
+    r1.routing_stats = {"requests": [f"phi4-b{i}" for i in range(4)], "kv_free_blocks": 100}
     for i in range(8):
         instance.on_request_completed("r0", f"a{i}")
     later = [asyncio.run(instance.choose_replicas([r0, r1], pending([100 + i] * 20, f"c{i}")))[0][0].replica_id
              for i in range(4)]
     assert later == ["r0"] * 4
     # A request in a report that this router never sent is another router's: it counts.
-    r1.routing_stats = {"requests": [f"phi4-b{i}" for i in range(4)] + ["other-1", "other-2"], "free_blocks": 100}
+    r1.routing_stats = {"requests": [f"phi4-b{i}" for i in range(4)] + ["other-1", "other-2"], "kv_free_blocks": 100}
     assert [instance.load(r)[0] for r in (r0, r1)] == [4, 6]
 
 
@@ -378,7 +378,7 @@ def test_a_replica_that_stops_reporting_shows_unhealthy_and_is_then_forgotten() 
     view = fleet.FleetView(clock=lambda: clock[0])
 
     def report(replica: str, at: float, running: int) -> dict:
-        return {**fleet.report_of(replica, "node-1", 7, EngineStats(running, 0, 0.5, 10, 0, 0), 3, 30), "at": at}
+        return {**fleet.report_of(replica, "node-1", 7, EngineStats(running, 0, 0.5, 10, 0, 0), 3, 30, []), "at": at}
 
     for second in range(int(fleet.STALE_SECONDS) + 3):  # "a" reports every second; "b" once, at 0, then no more
         clock[0] = 1000.0 + second

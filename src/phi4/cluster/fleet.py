@@ -1,6 +1,7 @@
-"""How the replicas are, as the ingress knows it: each replica's report rides on the routing stats that Ray
-Serve collects from it every second (`record_routing_stats`) and hands to the ingress's router, which passes
-it here (`fleet_view(app).observe`); `/health`, `/metrics` and the fleet's totals read it. One channel, no
+"""What each replica tells the ingress, and how the ingress keeps it. A replica's report (`report_of`) is its
+routing stats: Ray Serve collects it every second (`EngineReplica.record_routing_stats`) and hands it to
+the ingress's router, which routes on it (the requests it holds, its free KV blocks) and passes it here
+(`fleet_view(app).observe`) for `/health`, `/metrics` and the fleet's totals. One report, one channel, no
 actor of its own and no thread in the replica.
 
 A replica that stops reporting (it died, or its node did, or its loop is stuck) is shown unhealthy after
@@ -36,12 +37,15 @@ class ReplicaReport:
     prefix_hit_tokens: int
     requests_total: int
     generation_tokens_total: int
+    requests: list[str]  # ids of the requests it holds (the router tells its own from another router's)
     at: float  # the replica's time.time() when it made the report: tells a new report from one seen before
 
 
-def report_of(replica: str, node: str, pid: int, stats: EngineStats, requests: int, tokens: int) -> dict[str, Any]:
+def report_of(replica: str, node: str, pid: int, stats: EngineStats, requests_total: int, tokens_total: int,
+              holding: list[str]) -> dict[str, Any]:
     return asdict(ReplicaReport(replica, node, pid, stats.num_running, stats.num_waiting, stats.kv_cache_usage,
-                                stats.kv_free_blocks, stats.prefix_hit_tokens, requests, tokens, time.time()))
+                                stats.kv_free_blocks, stats.prefix_hit_tokens, requests_total, tokens_total, holding,
+                                time.time()))
 
 
 class FleetView:
@@ -62,21 +66,20 @@ class FleetView:
             if seen is None or seen[0]["at"] != report["at"]:
                 self._received[report["replica"]] = (report, self._clock())
 
-    @property
-    def reports(self) -> list[dict[str, Any]]:
-        """Every report not yet forgotten, each with `age`: seconds since it arrived."""
+    def _aged(self) -> list[tuple[dict[str, Any], float]]:
+        """Each replica's last report with its age in seconds; reports older than FORGET_SECONDS are dropped."""
         now = self._clock()
         with self._lock:
             for replica in [k for k, (_, arrived) in self._received.items() if now - arrived >= FORGET_SECONDS]:
                 del self._received[replica]
-            received = sorted(self._received.items())
-        return [{**report, "age": now - arrived} for _, (report, arrived) in received]
+            return [(report, now - arrived) for report, arrived in self._received.values()]
 
-    def live(self) -> list[dict[str, Any]]:
-        return [r for r in self.reports if r["age"] < STALE_SECONDS]
+    def _by_replica(self) -> list[tuple[dict[str, Any], float]]:
+        return sorted(self._aged(), key=lambda aged: aged[0]["replica"])
 
     def totals(self) -> EngineStats:
-        live = self.live()
+        """Asked per request (admission): no sorting, no copies."""
+        live = [report for report, age in self._aged() if age < STALE_SECONDS]
         if not live:
             return EngineStats()
         return EngineStats(sum(r["running"] for r in live), sum(r["waiting"] for r in live),
@@ -85,9 +88,9 @@ class FleetView:
 
     def health(self) -> dict[str, Any]:
         replicas = [{"replica": r["replica"], "node": r["node"], "pid": r["pid"],
-                     "healthy": r["age"] < STALE_SECONDS, "running": r["running"], "waiting": r["waiting"],
-                     "kv_cache_usage": round(r["kv_cache_usage"], 4), "seconds_since_report": round(r["age"], 2)}
-                    for r in self.reports]
+                     "healthy": age < STALE_SECONDS, "running": r["running"], "waiting": r["waiting"],
+                     "kv_cache_usage": round(r["kv_cache_usage"], 4), "seconds_since_report": round(age, 2)}
+                    for r, age in self._by_replica()]
         healthy = sum(r["healthy"] for r in replicas)
         return {"status": "ok" if healthy == len(replicas) and healthy else "degraded" if healthy else "unavailable",
                 "healthy_replicas": healthy, "replicas": replicas}
@@ -106,12 +109,12 @@ class FleetView:
                                                      "cache.", "prefix_hit_tokens"),
             "phi4_replica_up": ("gauge", "1 while a replica reports, 0 once it has gone quiet.", None),
         }
-        reports = self.reports
+        reports = self._by_replica()
         lines = []
         for name, (kind, help_text, key) in series.items():
             lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
-            for r in reports:
-                value = (1 if r["age"] < STALE_SECONDS else 0) if key is None else r[key]
+            for r, age in reports:
+                value = (1 if age < STALE_SECONDS else 0) if key is None else r[key]
                 lines.append(f'{name}{{replica="{r["replica"]}",node="{r["node"][:12]}"}} {value:g}')
         return "\n".join(lines) + "\n"
 

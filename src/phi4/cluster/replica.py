@@ -84,10 +84,9 @@ class EngineReplica:
                 stream.close()  # early end (cancelled by the ingress): the engine aborts the request
 
     def record_routing_stats(self) -> dict[str, Any]:
-        """For the router: the requests held here and the free KV blocks; for /health and /metrics: the report."""
-        stats = self.engine.stats()
-        return {"requests": list(self.holding), "free_blocks": stats.kv_free_blocks,
-                "report": report_of(self.replica_id, self.node, os.getpid(), stats, self.requests, self.tokens)}
+        """This replica's report: the router's load figures and /health's and /metrics' (phi4/cluster/fleet.py)."""
+        return report_of(self.replica_id, self.node, os.getpid(), self.engine.stats(), self.requests, self.tokens,
+                         list(self.holding))
 
     def __del__(self) -> None:
         self.engine.shutdown()

@@ -19,7 +19,7 @@ to fall back on if it is full.
 token ids it already has, in-process.)
 
 The same reports carry each replica's health and counters; the router hands them to this process's fleet
-view (phi4/cluster/fleet.py), which `/health` and `/metrics` read."""
+view (phi4/cluster/fleet.py, where the report is defined), which `/health` and `/metrics` read."""
 
 from __future__ import annotations
 
@@ -81,7 +81,7 @@ class PrefixAffinityRouter(RequestRouter):
             # it never will, so the count holds until the next report.
             counted = (stats, sum(1 for request_id in stats.get("requests", ()) if request_id not in self._sent))
             self._others[replica.replica_id] = counted
-        return self._in_flight[replica.replica_id] + counted[1], -stats.get("free_blocks", 0)
+        return self._in_flight[replica.replica_id] + counted[1], -stats.get("kv_free_blocks", 0)
 
     def _count(self, pending: PendingRequest | None, routed: tuple[str, WireRequest] | None,
                replica: RunningReplica) -> None:
@@ -147,9 +147,8 @@ class PrefixAffinityRouter(RequestRouter):
         super().update_replicas(replicas)
         view = fleet_view(self.app_name)
         for replica in replicas:
-            report = (replica.routing_stats or {}).get("report")
-            if report is not None:
-                view.observe(report)
+            if replica.routing_stats:  # empty until Ray Serve has collected a first report
+                view.observe(replica.routing_stats)
 
     def on_replica_actor_died(self, replica_id: ReplicaID) -> None:
         super().on_replica_actor_died(replica_id)

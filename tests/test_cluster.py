@@ -204,6 +204,28 @@ def test_a_client_that_goes_away_aborts_its_request_on_the_replica(fleet: Fleet)
     assert generated < 800, "the replica stopped when the client left"
 
 
+def thread_cpus(pid: int) -> set[tuple[int, ...]]:
+    """The CPU sets the threads of a process may run on (one set when they all agree)."""
+    return {tuple(sorted(os.sched_getaffinity(int(thread)))) for thread in os.listdir(f"/proc/{pid}/task")}
+
+
+def assert_replicas_on_cores_of_their_own(fleet: Fleet) -> None:
+    # a replica killed in the last few seconds is still listed (STALE_SECONDS): the live processes only
+    replicas = [r for r in fleet.health()["replicas"] if r["healthy"] and Path(f"/proc/{r['pid']}").exists()]
+    bound = [r["cpus"] for r in replicas if r["cpus"]]
+    assert len({cpu for cpus in bound for cpu in cpus}) == sum(len(cpus) for cpus in bound), replicas  # disjoint
+    if len(os.sched_getaffinity(0)) >= len(replicas):
+        assert len(bound) == len(replicas), replicas  # a core each, where the machine has them
+    for replica in replicas:
+        if replica["cpus"]:
+            assert thread_cpus(replica["pid"]) == {tuple(replica["cpus"])}, replica  # every thread, as reported
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="CPU affinity is Linux's")
+def test_each_cpu_replica_runs_on_cores_of_its_own(fleet: Fleet) -> None:
+    assert_replicas_on_cores_of_their_own(fleet)
+
+
 def test_a_replica_killed_mid_stream_fails_only_its_requests_and_is_replaced(fleet: Fleet) -> None:
     pids = {r["pid"] for r in fleet.health()["replicas"] if r["healthy"]}
     assert len(pids) == 2
@@ -248,6 +270,8 @@ def test_a_replica_killed_mid_stream_fails_only_its_requests_and_is_replaced(fle
         assert time.monotonic() < deadline, fleet.health()
         time.sleep(0.5)
     fleet.wait_healthy(2)
+    if hasattr(os, "sched_getaffinity"):
+        assert_replicas_on_cores_of_their_own(fleet)  # the replacement took the cores the dead replica left
     body = {"model": "microsoft/phi-4", "prompt": "Still there?", "max_tokens": 4}
     assert httpx.post(f"{fleet.url}/v1/completions", json=body, headers=fleet.headers, timeout=60).status_code == 200
 
@@ -378,7 +402,7 @@ def test_a_replica_that_stops_reporting_shows_unhealthy_and_is_then_forgotten() 
     view = fleet.FleetView(clock=lambda: clock[0])
 
     def report(replica: str, at: float, running: int) -> dict:
-        return {**fleet.report_of(replica, "node-1", 7, EngineStats(running, 0, 0.5, 10, 0, 0), 3, 30, []), "at": at}
+        return {**fleet.report_of(replica, "node-1", 7, [], EngineStats(running, 0, 0.5, 10, 0, 0), 3, 30, []), "at": at}
 
     for second in range(int(fleet.STALE_SECONDS) + 3):  # "a" reports every second; "b" once, at 0, then no more
         clock[0] = 1000.0 + second
@@ -434,8 +458,11 @@ def test_the_command_lines_replica_options_reach_the_deployment(monkeypatch, cap
     monkeypatch.setattr(phi4.cluster.app, "serve_cluster", lambda options, *where: started.append(options) or 0)
     assert main(["serve", "--model", "demo", "--replicas", "3", "--cpus-per-replica", "2",
                  "--stream-interval-ms", "100"]) == 0
-    (options,) = started
+    options = started[0]
     assert (options.replicas, options.cpus_per_replica, options.stream_interval_ms) == (3, 2.0, 100.0)
+    assert options.bind_cpus
+    assert main(["serve", "--model", "demo", "--replicas", "2", "--no-bind-cpus"]) == 0
+    assert not started[-1].bind_cpus
     with pytest.raises(SystemExit):
         main(["serve", "--model", "demo", "--replicas", "2", "--stream-interval-ms", "-5"])
     assert "--stream-interval-ms: -5: milliseconds from 0 to 10000" in capsys.readouterr().err

@@ -64,7 +64,7 @@ def _serve(args: argparse.Namespace) -> int:
             max_stop_sequences=args.max_stop_sequences, device=args.device, dtype=args.dtype, engine=engine,
             replicas=args.replicas or 1, min_replicas=args.min_replicas, max_replicas=args.max_replicas,
             target_ongoing_requests=args.target_ongoing_requests, cpus_per_replica=args.cpus_per_replica,
-            stream_interval_ms=args.stream_interval_ms, body_timeout=args.body_timeout,
+            bind_cpus=args.bind_cpus, stream_interval_ms=args.stream_interval_ms, body_timeout=args.body_timeout,
         )
         return serve_cluster(cluster, args.host, args.port, args.ray_address)
     return serve(ServeOptions(
@@ -171,6 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="join this Ray cluster (e.g. auto, or ray://head:10001); default: start a local one")
     serve.add_argument("--cpus-per-replica", type=float, default=1.0,
                        help="on CPU nodes, the cores each replica takes (on GPU nodes each takes one GPU)")
+    serve.add_argument("--bind-cpus", action=argparse.BooleanOptionalAction, default=True,
+                       help="with replicas on CPU: bind each replica of whole cores to cores of its own on its node "
+                            "(--no-bind-cpus: leave placing them to the OS)")
     serve.add_argument("--stream-interval-ms", type=_milliseconds, default=50.0,
                        help="with replicas: a replica sends a stream's tokens in batches this far apart (its first "
                             "and last at once); longer spends less CPU per token, shorter updates clients more often")

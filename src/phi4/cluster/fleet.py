@@ -30,6 +30,7 @@ class ReplicaReport:
     replica: str  # Ray Serve's replica id
     node: str
     pid: int
+    cpus: list[int]  # the CPUs it is bound to; empty: not bound
     running: int
     waiting: int
     kv_cache_usage: float
@@ -41,9 +42,9 @@ class ReplicaReport:
     at: float  # the replica's time.time() when it made the report: tells a new report from one seen before
 
 
-def report_of(replica: str, node: str, pid: int, stats: EngineStats, requests_total: int, tokens_total: int,
-              holding: list[str]) -> dict[str, Any]:
-    return asdict(ReplicaReport(replica, node, pid, stats.num_running, stats.num_waiting, stats.kv_cache_usage,
+def report_of(replica: str, node: str, pid: int, cpus: list[int], stats: EngineStats, requests_total: int,
+              tokens_total: int, holding: list[str]) -> dict[str, Any]:
+    return asdict(ReplicaReport(replica, node, pid, cpus, stats.num_running, stats.num_waiting, stats.kv_cache_usage,
                                 stats.kv_free_blocks, stats.prefix_hit_tokens, requests_total, tokens_total, holding,
                                 time.time()))
 
@@ -87,7 +88,7 @@ class FleetView:
                            0, sum(r["prefix_hit_tokens"] for r in live))
 
     def health(self) -> dict[str, Any]:
-        replicas = [{"replica": r["replica"], "node": r["node"], "pid": r["pid"],
+        replicas = [{"replica": r["replica"], "node": r["node"], "pid": r["pid"], "cpus": r["cpus"],
                      "healthy": age < STALE_SECONDS, "running": r["running"], "waiting": r["waiting"],
                      "kv_cache_usage": round(r["kv_cache_usage"], 4), "seconds_since_report": round(age, 2)}
                     for r, age in self._by_replica()]

@@ -53,6 +53,7 @@ class ClusterOptions:
     target_ongoing_requests: float = 16.0  # per replica, for autoscaling
     cpus_per_replica: float = 1.0  # on CPU nodes; on GPU nodes each replica takes one GPU
     gpus_per_replica: float | None = None  # None: one where the cluster has GPUs, else none
+    bind_cpus: bool = True  # a CPU replica of whole cores runs on cores of its own (phi4/cluster/cpu_binding.py)
     stream_interval_ms: float = 50.0  # a replica sends a stream's tokens in batches this far apart (Ray LLM: 50)
     prefix_imbalance: int = 8  # how many more queued requests a replica may have and still get its prefixes
     body_timeout: float = 30.0

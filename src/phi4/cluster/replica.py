@@ -17,7 +17,9 @@ from typing import Any
 
 import ray
 from ray import serve
+from ray.serve.schema import ReplicaRank
 
+from phi4.cluster.cpu_binding import bind_process, cpus_for_rank, node_cpus
 from phi4.cluster.fleet import report_of
 from phi4.cluster.options import ClusterOptions
 from phi4.cluster.wire import WireRequest
@@ -39,8 +41,12 @@ class EngineReplica:
         from phi4.model.loader import resolve_checkpoint
 
         options = ClusterOptions.from_args(args)
-        if options.gpus_per_replica in (None, 0) and not torch.cuda.is_available():
+        on_cpu = options.gpus_per_replica in (None, 0) and not torch.cuda.is_available()
+        if on_cpu:
             torch.set_num_threads(max(1, int(options.cpus_per_replica)))  # this replica's share of the node
+        self.binding_share = options.cpus_per_replica if on_cpu and options.bind_cpus else None  # None: no binding
+        self.node_cpus = node_cpus()  # before any binding: a later rank picks among all of them
+        self.cpus: list[int] = []  # the CPUs this replica is bound to; empty: wherever the OS runs it
         engine = LLMEngine(resolve_checkpoint(options.model), options.engine, options.device, options.dtype)
         self.engine = InProcessEngine(engine)
         self.stream_interval = options.stream_interval_ms / 1000
@@ -51,6 +57,18 @@ class EngineReplica:
         self.tokens = 0
         self.holding: set[str] = set()  # ids of the requests started here and not finished (for the router)
         logger.info("replica %s ready on node %s (pid %d)", self.replica_id, self.node, os.getpid())
+
+    def reconfigure(self, user_config: Any, rank: ReplicaRank | None) -> None:  # noqa: ANN401 - Ray's user_config
+        """Ray Serve calls this once the replica is up, and again when its rank changes (replicas came or went on
+        its node): a CPU replica takes its rank's cores (phi4/cluster/cpu_binding.py)."""
+        if rank is None or self.binding_share is None:
+            return
+        cpus = cpus_for_rank(rank.local_rank, self.binding_share, self.node_cpus)
+        if cpus is None and not self.cpus:
+            return  # never bound, nothing to undo
+        bind_process(cpus or self.node_cpus)
+        self.cpus = sorted(cpus or ())
+        logger.info("replica %s (local rank %d) on CPUs %s", self.replica_id, rank.local_rank, self.cpus or "any")
 
     def info(self) -> dict[str, Any]:
         return {"max_model_len": self.engine.max_model_len, "vocab_size": self.engine.vocab_size,
@@ -85,8 +103,8 @@ class EngineReplica:
 
     def record_routing_stats(self) -> dict[str, Any]:
         """This replica's report: the router's load figures and /health's and /metrics' (phi4/cluster/fleet.py)."""
-        return report_of(self.replica_id, self.node, os.getpid(), self.engine.stats(), self.requests, self.tokens,
-                         list(self.holding))
+        return report_of(self.replica_id, self.node, os.getpid(), self.cpus, self.engine.stats(), self.requests,
+                         self.tokens, list(self.holding))
 
     def __del__(self) -> None:
         self.engine.shutdown()

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from phi4.cluster.cpu_binding import cpus_for_rank, spread_order
+from phi4.cluster.cpu_binding import cpus_for_rank, ray_owns_them, spread_order
 
 
 def siblings_apart(cores: int):  # noqa: ANN201 - Linux's usual numbering: CPU i and i + cores share a core
@@ -49,6 +49,12 @@ def test_only_the_cpus_the_node_allows_are_shared_out() -> None:
 @pytest.mark.parametrize("share", [0.5, 1.5, 0])
 def test_a_share_of_part_of_a_core_is_not_bound(share: float) -> None:
     assert cpus_for_rank(0, share, range(4), one_core_each) is None
+
+
+def test_a_node_whose_cpus_ray_does_not_own_is_not_bound() -> None:
+    assert ray_owns_them(2, frozenset({0, 1}))
+    assert not ray_owns_them(4, frozenset(range(16)))  # a Kubernetes pod with a quota of 4 on a 16-core host
+    assert not ray_owns_them(0, frozenset({0, 1}))
 
 
 @pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="CPU affinity is Linux's")

@@ -1,14 +1,18 @@
 """Cores of its own for each CPU replica on a node.
 
 Ray gives a CPU replica `cpus_per_replica` logical CPUs of its node as a count, not as particular cores, so the
-OS moves every replica's engine thread from core to core, and two engines meet on one core while the other
+OS moves every replica's engine thread from core to core, and two engines can meet on one core while the other
 serves the ingress. Bound to distinct cores, each engine keeps its caches and its core; what else runs on the
 node (the ingress, Ray's processes, HAProxy) takes turns beside them. vLLM's CPU backend binds its workers'
 threads the same way (VLLM_CPU_OMP_THREADS_BIND=auto); here with Ray Serve's local rank, which numbers a
-deployment's replicas on each node 0..k-1 and is kept so as replicas come and go.
+deployment's replicas on each node 0..k-1 (a replacement takes the rank of the replica it replaces; when
+replicas leave, Ray renumbers the rest and tells each through `reconfigure`, and the replica binds again).
 
-A replica binds only when its share is whole cores and its rank's cores exist on the node: fractional shares
-are meant to share cores, and a replica beyond the node's cores is left to the OS (as before)."""
+A replica binds only when its share is whole cores, its rank's cores exist on the node, and Ray's CPU count for
+the node covers every CPU the replica can see (`ray_owns_them`): fractional shares are meant to share cores, a
+replica beyond the node's cores is left to the OS (as before), and so is one on a node that shares its CPUs
+with others. Two phi4 applications on one Ray node would number their replicas from 0 each: serve the second
+with --no-bind-cpus."""
 
 from __future__ import annotations
 
@@ -52,6 +56,14 @@ def cpus_for_rank(local_rank: int, cpus_per_replica: float, node_cpus: Iterable[
     if local_rank < 0 or first + share > len(ordered):
         return None
     return frozenset(ordered[first : first + share])
+
+
+def ray_owns_them(ray_node_cpus: float, cpus: frozenset[int]) -> bool:
+    """Whether Ray's CPU count for this node covers every CPU the process may use. Where it does not (a pod in
+    Kubernetes' shared CPU pool sees every CPU of its host and has a quota of a few; `ray start --num-cpus` below
+    the machine's count), other Ray nodes on the same machine see the same CPUs and number their replicas from
+    0 too: binding by rank would put them all on the first cores."""
+    return ray_node_cpus >= len(cpus) > 0
 
 
 def node_cpus() -> frozenset[int]:

@@ -19,7 +19,7 @@ import ray
 from ray import serve
 from ray.serve.schema import ReplicaRank
 
-from phi4.cluster.cpu_binding import bind_process, cpus_for_rank, node_cpus
+from phi4.cluster.cpu_binding import bind_process, cpus_for_rank, node_cpus, ray_owns_them
 from phi4.cluster.fleet import report_of
 from phi4.cluster.options import ClusterOptions
 from phi4.cluster.wire import WireRequest
@@ -27,6 +27,11 @@ from phi4.engine.client import InProcessEngine, RequestOutput
 from phi4.engine.request import merge_outputs
 
 logger = logging.getLogger("phi4.cluster")
+
+
+def _ray_cpus_of(node: str) -> float:
+    """The CPU count Ray gives this node (`ray start --num-cpus`, a pod's quota, else the machine's)."""
+    return next((float(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n["NodeID"] == node), 0.0)
 
 
 def _without_prompt(output: RequestOutput) -> RequestOutput:
@@ -44,15 +49,16 @@ class EngineReplica:
         on_cpu = options.gpus_per_replica in (None, 0) and not torch.cuda.is_available()
         if on_cpu:
             torch.set_num_threads(max(1, int(options.cpus_per_replica)))  # this replica's share of the node
-        self.binding_share = options.cpus_per_replica if on_cpu and options.bind_cpus else None  # None: no binding
+        self.node = ray.get_runtime_context().get_node_id()
         self.node_cpus = node_cpus()  # before any binding: a later rank picks among all of them
+        bind = on_cpu and options.bind_cpus and ray_owns_them(_ray_cpus_of(self.node), self.node_cpus)
+        self.binding_share = options.cpus_per_replica if bind else None  # None: no binding
         self.cpus: list[int] = []  # the CPUs this replica is bound to; empty: wherever the OS runs it
         engine = LLMEngine(resolve_checkpoint(options.model), options.engine, options.device, options.dtype)
         self.engine = InProcessEngine(engine)
         self.stream_interval = options.stream_interval_ms / 1000
         context = serve.get_replica_context()
         self.replica_id = context.replica_id.unique_id
-        self.node = ray.get_runtime_context().get_node_id()
         self.requests = 0
         self.tokens = 0
         self.holding: set[str] = set()  # ids of the requests started here and not finished (for the router)

@@ -19,7 +19,12 @@ import ray
 from ray import serve
 from ray.serve.schema import ReplicaRank
 
-from phi4.cluster.cpu_binding import bind_process, cpus_for_rank, node_cpus, ray_owns_them
+from phi4.cluster.cpu_binding import (
+    bind_process,
+    cpus_for_rank,
+    node_cpus,
+    ray_owns_them,
+)
 from phi4.cluster.fleet import report_of
 from phi4.cluster.options import ClusterOptions
 from phi4.cluster.wire import WireRequest
@@ -64,7 +69,7 @@ class EngineReplica:
         self.holding: set[str] = set()  # ids of the requests started here and not finished (for the router)
         logger.info("replica %s ready on node %s (pid %d)", self.replica_id, self.node, os.getpid())
 
-    def reconfigure(self, user_config: Any, rank: ReplicaRank | None) -> None:  # noqa: ANN401 - Ray's user_config
+    def reconfigure(self, user_config: Any, rank: ReplicaRank | None) -> None:
         """Ray Serve calls this once the replica is up, and again when its rank changes (replicas came or went on
         its node): a CPU replica takes its rank's cores (phi4/cluster/cpu_binding.py)."""
         if rank is None or self.binding_share is None:

@@ -1,8 +1,8 @@
 """phi4 on Ray Serve (`phi4 serve --replicas 2`) on this CPU machine with a local Ray instance and the demo
 checkpoint: concurrent streams through the openai client spread over both replicas, a shared prefix stays
-on the replica that caches it, the same seed gives the same text whichever replica answers, a replica killed
-mid-stream fails only its own requests and is replaced; the router's choices in isolation; and the KubeRay
-manifest names the builder the CLI runs."""
+on the replica that caches it, the same seed gives the same text whichever replica answers, each replica runs on
+a core of its own, a replica killed mid-stream fails only its own requests and is replaced (on the core the
+dead one left); the router's choices in isolation; and the KubeRay manifest names the builder the CLI runs."""
 
 from __future__ import annotations
 
@@ -402,7 +402,8 @@ def test_a_replica_that_stops_reporting_shows_unhealthy_and_is_then_forgotten() 
     view = fleet.FleetView(clock=lambda: clock[0])
 
     def report(replica: str, at: float, running: int) -> dict:
-        return {**fleet.report_of(replica, "node-1", 7, [], EngineStats(running, 0, 0.5, 10, 0, 0), 3, 30, []), "at": at}
+        stats = EngineStats(running, 0, 0.5, 10, 0, 0)
+        return {**fleet.report_of(replica, "node-1", 7, [], stats, 3, 30, []), "at": at}
 
     for second in range(int(fleet.STALE_SECONDS) + 3):  # "a" reports every second; "b" once, at 0, then no more
         clock[0] = 1000.0 + second

@@ -226,6 +226,24 @@ def test_each_cpu_replica_runs_on_cores_of_its_own(fleet: Fleet) -> None:
     assert_replicas_on_cores_of_their_own(fleet)
 
 
+def test_a_replica_whose_binding_fails_runs_unbound_instead_of_failing(monkeypatch, caplog) -> None:  # noqa: ANN001
+    from ray.serve.schema import ReplicaRank
+
+    import phi4.cluster.replica
+
+    def refuse(cpus: object) -> None:
+        raise OSError(22, "Invalid argument")
+
+    monkeypatch.setattr(phi4.cluster.replica, "bind_process", refuse)
+    replica = phi4.cluster.replica.EngineReplica.__new__(phi4.cluster.replica.EngineReplica)
+    replica.replica_id, replica.binding_share, replica.node_cpus, replica.cpus = "r1", 1.0, frozenset({0, 1}), []
+    replica.engine = types.SimpleNamespace(shutdown=lambda: None)
+    replica.reconfigure(None, ReplicaRank(rank=1, node_rank=0, local_rank=1))
+    assert replica.cpus == [] and "left unbound" in caplog.text
+    replica.reconfigure(None, ReplicaRank(rank=0, node_rank=0, local_rank=0))  # and it does not try again
+    assert replica.cpus == []
+
+
 def test_a_replica_killed_mid_stream_fails_only_its_requests_and_is_replaced(fleet: Fleet) -> None:
     pids = {r["pid"] for r in fleet.health()["replicas"] if r["healthy"]}
     assert len(pids) == 2

@@ -8,6 +8,7 @@ closing the engine stream aborts the request in the engine."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import os
@@ -77,7 +78,15 @@ class EngineReplica:
         cpus = cpus_for_rank(rank.local_rank, self.binding_share, self.node_cpus)
         if cpus is None and not self.cpus:
             return  # never bound, nothing to undo
-        bind_process(cpus or self.node_cpus)
+        try:
+            bind_process(cpus or self.node_cpus)
+        except OSError as exc:  # e.g. the cpuset shrank since start-up: run unbound rather than fail
+            logger.warning("replica %s left unbound: binding it to CPUs %s failed (%s)", self.replica_id,
+                           sorted(cpus or ()), exc)
+            self.binding_share, self.cpus = None, []
+            with contextlib.suppress(OSError):  # undo what a bind that failed half-way did (the kernel keeps the
+                bind_process(range(os.cpu_count() or 1))  # cpuset's limits)
+            return
         self.cpus = sorted(cpus or ())
         logger.info("replica %s (local rank %d) on CPUs %s", self.replica_id, rank.local_rank, self.cpus or "any")
 

@@ -487,6 +487,14 @@ def test_the_command_lines_replica_options_reach_the_deployment(monkeypatch, cap
     assert "--stream-interval-ms: -5: milliseconds from 0 to 10000" in capsys.readouterr().err
 
 
+def test_a_serve_config_with_a_stream_interval_out_of_range_is_refused() -> None:
+    from phi4.cluster.options import ClusterOptions
+
+    for milliseconds in (-5, 20_000, float("nan")):
+        with pytest.raises(ValueError, match="milliseconds from 0 to 10000"):
+            ClusterOptions.from_args({"stream_interval_ms": milliseconds})
+
+
 def test_the_kuberay_manifest_runs_the_builder_the_cli_runs() -> None:
     import yaml
 

@@ -32,10 +32,13 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _milliseconds(text: str) -> float:
-    value = float(text)
-    if not 0 <= value <= 10_000:
-        raise argparse.ArgumentTypeError(f"{text}: milliseconds from 0 to 10000")
-    return value
+    """--stream-interval-ms, refused at parsing with ClusterOptions' own rule (phi4/cluster/options.py)."""
+    from phi4.cluster.options import stream_interval_ms
+
+    try:
+        return stream_interval_ms(float(text))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _serve(args: argparse.Namespace) -> int:

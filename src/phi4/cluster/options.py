@@ -37,6 +37,16 @@ def use_local_ray_serve_settings() -> None:
         os.environ.setdefault(name, value)
 
 
+MAX_STREAM_INTERVAL_MS = 10_000.0
+
+
+def stream_interval_ms(value: float) -> float:
+    """The replica's stream interval, checked where every way in (the CLI, a Serve config, a RayService) passes."""
+    if not 0 <= value <= MAX_STREAM_INTERVAL_MS:
+        raise ValueError(f"{value:g}: milliseconds from 0 to {MAX_STREAM_INTERVAL_MS:g}")
+    return value
+
+
 @dataclass(frozen=True)
 class ClusterOptions:
     model: str = "microsoft/phi-4"
@@ -57,6 +67,9 @@ class ClusterOptions:
     stream_interval_ms: float = 50.0  # a replica sends a stream's tokens in batches this far apart (Ray LLM: 50)
     prefix_imbalance: int = 8  # how many more queued requests a replica may have and still get its prefixes
     body_timeout: float = 30.0
+
+    def __post_init__(self) -> None:
+        stream_interval_ms(self.stream_interval_ms)
 
     def as_args(self) -> dict[str, Any]:
         """The builder's arguments as plain JSON-able data (a Serve config's `args`)."""

@@ -79,13 +79,13 @@ class EngineReplica:
         if cpus is None and not self.cpus:
             return  # never bound, nothing to undo
         try:
-            bind_process(cpus or self.node_cpus)
+            bind_process(cpus or self.node_cpus)  # no cpus for this rank: back to the start-up set
         except OSError as exc:  # e.g. the cpuset shrank since start-up: run unbound rather than fail
             logger.warning("replica %s left unbound: binding it to CPUs %s failed (%s)", self.replica_id,
                            sorted(cpus or ()), exc)
             self.binding_share, self.cpus = None, []
-            with contextlib.suppress(OSError):  # undo what a bind that failed half-way did (the kernel keeps the
-                bind_process(range(os.cpu_count() or 1))  # cpuset's limits)
+            with contextlib.suppress(OSError):  # undo what a bind that failed half-way did, where it can
+                bind_process(self.node_cpus)
             return
         self.cpus = sorted(cpus or ())
         logger.info("replica %s (local rank %d) on CPUs %s", self.replica_id, rank.local_rank, self.cpus or "any")

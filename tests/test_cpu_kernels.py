@@ -169,7 +169,7 @@ def run_every_kernel(seed: int) -> list[torch.Tensor]:
     results = []
     for dtype in STORED:
         weight, _ = stored_weight((200, 600), dtype, seed)
-        for rows in (1, 7, 40):
+        for rows in (1, 2, 3, 7, 40):  # each tile shape of each build: whole blocks, narrow tiles, widened chunks
             results.append(product(torch.randn(rows, 600, generator=generator), weight))
     x = torch.randn(9, 200, generator=generator)
     results.extend(cpu_kernels.add_rms_norm(x, x.clone(), torch.rand(200, generator=generator), 1e-5))

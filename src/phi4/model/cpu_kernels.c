@@ -42,7 +42,8 @@ enum { FORMAT_F32 = 0, FORMAT_BF16 = 1, FORMAT_F16 = 2, FORMAT_E4M3 = 3 };
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #define PHI4_ISA "avx512"
-#define ROW_TILE 6 /* rows per register tile: 6 x 4 accumulators of the 32 registers */
+#define ROW_TILE 6  /* rows per register tile of several rows ... */
+#define TILE_VECS 4 /* ... by 16-lane vectors of a block's 64 columns: 6 x 4 accumulators of the 32 registers */
 typedef __m512 v16;
 static inline v16 v_zero(void) { return _mm512_setzero_ps(); }
 static inline v16 v_set1(float a) { return _mm512_set1_ps(a); }
@@ -85,7 +86,9 @@ static inline float v_hmax(v16 a) { return _mm512_reduce_max_ps(a); } /* max is 
 #elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
 #define PHI4_ISA "avx2"
-#define ROW_TILE 1
+#define ROW_TILE 6  /* 6 rows by 16 columns: 12 accumulators of the 16 registers (a v16 is two), so that */
+#define TILE_VECS 1 /* each weight widened into registers serves 6 rows (1 row by 64 spilled nothing but */
+                    /* widened every weight once per row: 2.5x slower for batched decode and prefill) */
 typedef struct { __m256 lo, hi; } v16;
 static inline v16 v_make(__m256 lo, __m256 hi) { v16 r = {lo, hi}; return r; }
 static inline v16 v_zero(void) { return v_make(_mm256_setzero_ps(), _mm256_setzero_ps()); }
@@ -143,6 +146,7 @@ static inline float v_hmax(v16 a) {
 #else /* portable C: the same operations lane by lane */
 #define PHI4_ISA "portable"
 #define ROW_TILE 1
+#define TILE_VECS 4
 typedef struct { float f[16]; } v16;
 static inline v16 v_zero(void) { v16 r; for (int i = 0; i < 16; i++) r.f[i] = 0.0f; return r; }
 static inline v16 v_set1(float a) { v16 r; for (int i = 0; i < 16; i++) r.f[i] = a; return r; }
@@ -252,86 +256,97 @@ static inline v16 load_weights(const void *base, int format, int64_t offset) {
   }
 }
 
-/* Store one row of a 64-column tile: scaled if the product is quantized, cut at the last column. */
-static inline void store_row(const Product *p, const v16 acc[4], int64_t row, int64_t col) {
+/* Store vectors [j0, j0 + vecs) of one row of a 64-column block: scaled if the product is quantized, cut at
+   the last column. */
+static inline void store_row(const Product *p, const v16 *acc, int64_t row, int64_t block, int j0, int vecs) {
+  const int64_t col = block * BLOCK_COLS + 16 * j0;
   float *out = p->y + row * p->ldy + col;
-  v16 scaled[4];
-  for (int j = 0; j < 4; j++) {
-    scaled[j] = acc[j];
-    if (p->x_scale != NULL) scaled[j] = v_mul(v_mul(acc[j], v_set1(p->x_scale[row])), v_load(p->w_scale + col + 16 * j));
-  }
   int64_t left = p->n - col;
-  for (int j = 0; j < 4; j++, left -= 16) {
-    if (left >= 16) v_store(out + 16 * j, scaled[j]);
-    else if (left > 0) v_store_n(out + 16 * j, scaled[j], (int)left);
+  for (int j = 0; j < vecs; j++, left -= 16) {
+    v16 value = acc[j];
+    if (p->x_scale != NULL) value = v_mul(v_mul(value, v_set1(p->x_scale[row])), v_load(p->w_scale + col + 16 * j));
+    if (left >= 16) v_store(out + 16 * j, value);
+    else if (left > 0) v_store_n(out + 16 * j, value, (int)left);
   }
 }
 
-/* Rows [row, row + rows) of one column block over k in [k0, k1), weights widened as they are read.
-   `partial` holds the running sums of k < k0 (unscaled), or NULL to start from zero. Inlined into one
-   copy per row count (tile_rows), so that the compiler unrolls the rows and keeps the sums in registers. */
+/* Rows [row, row + rows) by vectors [j0, j0 + vecs) of one column block over k in [k0, k1), weights widened
+   as they are read. `partial` (the block's 64 columns per row) holds the running sums of k < k0
+   (unscaled), or NULL to start from zero. Inlined into one copy per tile shape (packed_tile), so that the
+   compiler unrolls it and keeps the sums in registers. Every shape sums k in order: the same bits. */
 static inline __attribute__((always_inline)) void tile_from_packed(const Product *p, const int format, int64_t block,
-                                                                   int64_t row, const int rows, int64_t k0, int64_t k1,
+                                                                   int64_t row, const int rows, const int j0,
+                                                                   const int vecs, int64_t k0, int64_t k1,
                                                                    float *partial, int64_t ld_partial) {
   v16 acc[ROW_TILE][4];
   for (int i = 0; i < rows; i++)
-    for (int j = 0; j < 4; j++) acc[i][j] = partial && k0 > 0 ? v_load(partial + i * ld_partial + 16 * j) : v_zero();
+    for (int j = 0; j < vecs; j++)
+      acc[i][j] = partial && k0 > 0 ? v_load(partial + i * ld_partial + 16 * (j0 + j)) : v_zero();
   const int64_t base = block * p->k * BLOCK_COLS;
   const int64_t row_bytes = BLOCK_COLS * (format == FORMAT_F32 ? 4 : format == FORMAT_E4M3 ? 1 : 2);
   const char *stream = (const char *)p->weight + base / BLOCK_COLS * row_bytes;
   for (int64_t k = k0; k < k1; k++) {
-    /* A software prefetch PREFETCH_ROWS ahead keeps DRAM busy: ~20% faster than the hardware alone. */
-    for (int64_t line = 0; line < row_bytes; line += 64) __builtin_prefetch(stream + (k + PREFETCH_ROWS) * row_bytes + line);
+    /* A software prefetch PREFETCH_ROWS ahead keeps DRAM busy: ~20% faster than the hardware alone. The
+       tiles of a block's later vectors find its weights in the cache already. */
+    if (j0 == 0)
+      for (int64_t line = 0; line < row_bytes; line += 64) __builtin_prefetch(stream + (k + PREFETCH_ROWS) * row_bytes + line);
     v16 w[4];
-    for (int j = 0; j < 4; j++) w[j] = load_weights(p->weight, format, base + k * BLOCK_COLS + 16 * j);
+    for (int j = 0; j < vecs; j++) w[j] = load_weights(p->weight, format, base + k * BLOCK_COLS + 16 * (j0 + j));
     for (int i = 0; i < rows; i++) {
       v16 b = v_set1(p->x[(row + i) * p->ldx + k]);
-      for (int j = 0; j < 4; j++) acc[i][j] = v_fma(b, w[j], acc[i][j]);
+      for (int j = 0; j < vecs; j++) acc[i][j] = v_fma(b, w[j], acc[i][j]);
     }
   }
   for (int i = 0; i < rows; i++) {
     if (partial && k1 < p->k) {
-      for (int j = 0; j < 4; j++) v_store(partial + i * ld_partial + 16 * j, acc[i][j]);
+      for (int j = 0; j < vecs; j++) v_store(partial + i * ld_partial + 16 * (j0 + j), acc[i][j]);
     } else {
-      store_row(p, acc[i], row + i, block * BLOCK_COLS);
+      store_row(p, acc[i], row + i, block, j0, vecs);
     }
   }
 }
 
 /* The same sums over weights already widened into `widened` [k1 - k0][64]: for many rows. */
-static inline __attribute__((always_inline)) void tile_from_widened(const Product *p, const float *widened, int64_t block, int64_t row, int rows,
-                              int64_t k0, int64_t k1, float *partial, int64_t ld_partial) {
-  v16 acc[ROW_TILE][4];
+static inline __attribute__((always_inline)) void tile_from_widened(const Product *p, const float *widened, int64_t block,
+                                                                    int64_t row, const int rows, const int j0,
+                                                                    int64_t k0, int64_t k1, float *partial,
+                                                                    int64_t ld_partial) {
+  v16 acc[ROW_TILE][TILE_VECS];
   for (int i = 0; i < rows; i++)
-    for (int j = 0; j < 4; j++) acc[i][j] = k0 > 0 ? v_load(partial + i * ld_partial + 16 * j) : v_zero();
+    for (int j = 0; j < TILE_VECS; j++)
+      acc[i][j] = k0 > 0 ? v_load(partial + i * ld_partial + 16 * (j0 + j)) : v_zero();
   for (int64_t k = k0; k < k1; k++) {
-    const float *wk = widened + (k - k0) * BLOCK_COLS;
-    v16 w[4];
-    for (int j = 0; j < 4; j++) w[j] = v_load(wk + 16 * j);
+    const float *wk = widened + (k - k0) * BLOCK_COLS + 16 * j0;
+    v16 w[TILE_VECS];
+    for (int j = 0; j < TILE_VECS; j++) w[j] = v_load(wk + 16 * j);
     for (int i = 0; i < rows; i++) {
       v16 b = v_set1(p->x[(row + i) * p->ldx + k]);
-      for (int j = 0; j < 4; j++) acc[i][j] = v_fma(b, w[j], acc[i][j]);
+      for (int j = 0; j < TILE_VECS; j++) acc[i][j] = v_fma(b, w[j], acc[i][j]);
     }
   }
   for (int i = 0; i < rows; i++) {
     if (k1 < p->k) {
-      for (int j = 0; j < 4; j++) v_store(partial + i * ld_partial + 16 * j, acc[i][j]);
+      for (int j = 0; j < TILE_VECS; j++) v_store(partial + i * ld_partial + 16 * (j0 + j), acc[i][j]);
     } else {
-      store_row(p, acc[i], row + i, block * BLOCK_COLS);
+      store_row(p, acc[i], row + i, block, j0, TILE_VECS);
     }
   }
 }
 
-/* One compiled copy of the tile per weight format and row count. */
-static void packed_tile(const Product *p, int64_t block, int64_t row, int rows, int64_t k0, int64_t k1,
-                        float *partial, int64_t ld_partial) {
-#define ROWS_CASE(format, n) case n: tile_from_packed(p, format, block, row, n, k0, k1, partial, ld_partial); break;
+/* One compiled copy of the tile per weight format and shape: a lone row takes the whole block (its weights
+   are read once, front to back); several rows take TILE_VECS vectors at a time. */
+static void packed_tile(const Product *p, int64_t block, int64_t row, int rows, int j0, int vecs, int64_t k0,
+                        int64_t k1, float *partial, int64_t ld_partial) {
+  /* a tile of all four vectors starts at the first: a constant, so that its copy has no offsets to add */
+#define TILE(format, n, v) tile_from_packed(p, format, block, row, n, (v) == 4 ? 0 : j0, v, k0, k1, partial, ld_partial)
+#define ROWS_CASE(format, n) case n: TILE(format, n, TILE_VECS); break;
 #if ROW_TILE > 1
 #define ROW_CASES(format) \
+  if (vecs == 4 && rows == 1) { TILE(format, 1, 4); break; } \
   switch (rows) { ROWS_CASE(format, 1) ROWS_CASE(format, 2) ROWS_CASE(format, 3) ROWS_CASE(format, 4) \
                   ROWS_CASE(format, 5) ROWS_CASE(format, 6) }
 #else
-#define ROW_CASES(format) switch (rows) { ROWS_CASE(format, 1) }
+#define ROW_CASES(format) TILE(format, 1, 4);
 #endif
   switch (p->format) {
   case FORMAT_BF16: ROW_CASES(FORMAT_BF16) break;
@@ -341,12 +356,14 @@ static void packed_tile(const Product *p, int64_t block, int64_t row, int rows, 
   }
 #undef ROW_CASES
 #undef ROWS_CASE
+#undef TILE
 }
 
-static void widened_tile(const Product *p, const float *widened, int64_t block, int64_t row, int rows,
+static void widened_tile(const Product *p, const float *widened, int64_t block, int64_t row, int rows, int j0,
                          int64_t k0, int64_t k1, float *partial, int64_t ld_partial) {
-  if (rows == ROW_TILE) tile_from_widened(p, widened, block, row, ROW_TILE, k0, k1, partial, ld_partial);
-  else tile_from_widened(p, widened, block, row, rows, k0, k1, partial, ld_partial);
+  j0 = TILE_VECS == 4 ? 0 : j0;
+  if (rows == ROW_TILE) tile_from_widened(p, widened, block, row, ROW_TILE, j0, k0, k1, partial, ld_partial);
+  else tile_from_widened(p, widened, block, row, rows, j0, k0, k1, partial, ld_partial);
 }
 
 /* Up to FEW_ROWS rows (decode) the weights are widened as they are read: each block once per run of
@@ -363,16 +380,21 @@ void phi4_linear(const float *x, int64_t m, int64_t k, int64_t ldx, const void *
   if (m <= FEW_ROWS) {
     /* One register tile keeps its sums in registers across all of K (buffered only between chunks of a
        long K, so that the weights stream through the cache once); several tiles share L1-sized runs. */
-    const int64_t chunk = m > ROW_TILE ? L1_ROWS : k <= 4 * K_CHUNK ? k : K_CHUNK;
+    /* Narrow tiles (AVX2) only from three rows: two rows by 16 columns widen too few weights per pass to pay
+       for a block's four passes (0.92x the speed of each row alone). A constant where tiles are whole blocks. */
+    const int vecs = TILE_VECS == 4 || m <= 2 ? 4 : TILE_VECS, row_tile = vecs > TILE_VECS ? 1 : ROW_TILE;
+    const int64_t chunk = m > row_tile || vecs < 4 ? L1_ROWS : k <= 4 * K_CHUNK ? k : K_CHUNK;
 #pragma omp parallel num_threads(team_size(threads, blocks))
     {
       float partial[FEW_ROWS * BLOCK_COLS];
 #pragma omp for schedule(static)
       for (int64_t block = 0; block < blocks; block++)
         for (int64_t k0 = 0; k0 < k; k0 += chunk)
-          for (int64_t row = 0; row < m; row += ROW_TILE)
-            packed_tile(&p, block, row, (int)(m - row < ROW_TILE ? m - row : ROW_TILE), k0,
-                        k0 + chunk < k ? k0 + chunk : k, chunk < k ? partial + row * BLOCK_COLS : NULL, BLOCK_COLS);
+          for (int j0 = 0; j0 < 4; j0 += vecs)
+            for (int64_t row = 0; row < m; row += row_tile)
+              packed_tile(&p, block, row, (int)(m - row < row_tile ? m - row : row_tile), j0, vecs, k0,
+                          k0 + chunk < k ? k0 + chunk : k, chunk < k ? partial + row * BLOCK_COLS : NULL,
+                          BLOCK_COLS);
     }
     return;
   }
@@ -399,11 +421,12 @@ void phi4_linear(const float *x, int64_t m, int64_t k, int64_t ldx, const void *
         const int64_t k1 = k0 + chunk < k ? k0 + chunk : k;
         for (int64_t i = 0; i < (k1 - k0) * BLOCK_COLS; i += 16)
           v_store(widened + i, load_weights(weight, format, base + k0 * BLOCK_COLS + i));
-        for (int64_t row = first_row; row < last_row; row += ROW_TILE) {
-          int rows = (int)(last_row - row < ROW_TILE ? last_row - row : ROW_TILE);
-          widened_tile(&p, widened, block, row, rows, k0, k1,
-                            partial ? partial + (row - first_row) * BLOCK_COLS : NULL, BLOCK_COLS);
-        }
+        for (int j0 = 0; j0 < 4; j0 += TILE_VECS) /* a vector's slice of the chunk stays in L1 over the rows */
+          for (int64_t row = first_row; row < last_row; row += ROW_TILE) {
+            int rows = (int)(last_row - row < ROW_TILE ? last_row - row : ROW_TILE);
+            widened_tile(&p, widened, block, row, rows, j0, k0, k1,
+                         partial ? partial + (row - first_row) * BLOCK_COLS : NULL, BLOCK_COLS);
+          }
       }
     }
     free(widened);

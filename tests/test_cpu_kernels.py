@@ -108,25 +108,30 @@ class PagedCache:
 
 
 @pytest.mark.parametrize("partial", [1.0, 0.75])
-def test_fused_rotary_and_attention_equal_the_reference_backend(partial: float) -> None:
-    config = tiny_config(partial)
+@pytest.mark.parametrize(("heads", "kv_heads", "head_dim"), [(8, 2, 32), (6, 2, 48), (4, 4, 32)],
+                         ids=["group4", "group3", "group1"])  # tiles of rows within one token, across tokens
+def test_fused_rotary_and_attention_equal_the_reference_backend(partial: float, heads: int, kv_heads: int,
+                                                                 head_dim: int) -> None:
+    config = tiny_config(partial, num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim)
     rotary = layers.RotaryEmbedding(config, torch.device("cpu"), torch.float32)
-    # A chunk of 5 queries after 300 cached tokens, a fresh prompt of 40, two decodes, one at 600 keys.
-    cache = PagedCache([5, 40, 1, 1], [305, 40, 17, 600], config, seed=4)
+    # A chunk of 7 queries after 300 cached tokens, a fresh prompt of 38, two decodes, one at 600 keys (blocks of
+    # 16 queries: 7 and 6 leave tiles of 3 and 2 rows that span tokens, one head per token).
+    cache = PagedCache([7, 38, 1, 1], [307, 38, 17, 600], config, seed=4)
     tokens = cache.positions.shape[0]
     qkv = torch.randn(tokens, config.q_size + 2 * config.kv_size, generator=torch.Generator().manual_seed(5))
     q, k, v = qkv.split([config.q_size, config.kv_size, config.kv_size], dim=-1)
-    shaped_q = rotary.apply(q.reshape(tokens, 8, 32), cache.positions)
-    shaped_k = rotary.apply(k.reshape(tokens, 2, 32), cache.positions)
-    expected = TorchPagedAttention(8, 2, 32).forward(shaped_q, shaped_k, v.reshape(tokens, 2, 32), cache.k.clone(),
-                                                      cache.v.clone(), cache.metadata).reshape(tokens, -1)
+    shaped_q = rotary.apply(q.reshape(tokens, heads, head_dim), cache.positions)
+    shaped_k = rotary.apply(k.reshape(tokens, kv_heads, head_dim), cache.positions)
+    shaped_v = v.reshape(tokens, kv_heads, head_dim)
+    expected = TorchPagedAttention(heads, kv_heads, head_dim).forward(
+        shaped_q, shaped_k, shaped_v, cache.k.clone(), cache.v.clone(), cache.metadata).reshape(tokens, -1)
     k_cache, v_cache = cache.k.clone(), cache.v.clone()
-    actual = CpuPagedAttention(8, 2, 32, rotary).forward_qkv(qkv.clone(), cache.positions, k_cache, v_cache,
-                                                             cache.metadata)
+    actual = CpuPagedAttention(heads, kv_heads, head_dim, rotary).forward_qkv(qkv.clone(), cache.positions, k_cache,
+                                                                              v_cache, cache.metadata)
     torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
     slots = cache.metadata.slot_mapping
     torch.testing.assert_close(k_cache[slots], shaped_k, rtol=0, atol=0)  # rotated as the reference rotates
-    assert torch.equal(v_cache[slots], v.reshape(tokens, 2, 32))
+    assert torch.equal(v_cache[slots], shaped_v)
 
 
 def test_a_query_attends_the_same_alone_as_in_any_batch() -> None:

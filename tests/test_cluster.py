@@ -7,10 +7,12 @@ dead one left); the router's choices in isolation; and the KubeRay manifest name
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -76,11 +78,32 @@ class Fleet:
         assert code == 0, Path(self.log.name).read_text()[-3000:]
 
 
+@contextlib.contextmanager
+def ports_held(*ports: int) -> Iterator[None]:
+    """Listening sockets on `ports` of every interface, where they are free: what another fleet's HAProxy (or
+    any other program) holds."""
+    with contextlib.ExitStack() as stack:
+        for port in ports:
+            sock = stack.enter_context(socket.socket())
+            try:
+                sock.bind(("", port))
+                sock.listen()
+            except OSError:
+                pass  # taken already: the situation this stands for
+        yield
+
+
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory: pytest.TempPathFactory, demo_dir: Path) -> Iterator[Fleet]:
-    instance = Fleet(tmp_path_factory.mktemp("fleet"))
+    # HAProxy's default exporter and stats ports are taken, as by another fleet on this machine: this one starts
+    with ports_held(9101, 8404):
+        instance = Fleet(tmp_path_factory.mktemp("fleet"))
+        try:
+            instance.wait_healthy(2)
+        except BaseException:
+            instance.stop()
+            raise
     try:
-        instance.wait_healthy(2)
         yield instance
     finally:
         instance.stop()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import socket
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,12 +30,28 @@ LOCAL_RAY_SERVE_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_
                        "RAY_task_events_report_interval_ms": "0"}
 
 
+# HAProxy also serves a Prometheus exporter and a stats page, on fixed ports (9101, 8404) of every interface: a
+# second fleet on the machine, or any other program on either port, kept a local fleet's HAProxy from starting
+# ("cannot bind socket"). A local fleet takes free ports for them instead.
+HAPROXY_SIDE_PORTS = ("RAY_SERVE_HAPROXY_METRICS_PORT", "RAY_SERVE_HAPROXY_STATS_PORT")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("", 0))  # every interface: HAProxy binds them there
+        return int(sock.getsockname()[1])
+
+
 def use_local_ray_serve_settings() -> None:
-    """Put LOCAL_RAY_SERVE_ENV into this process's environment (values already there win). Call it before
-    `ray.serve` is imported: Serve reads these when it is imported, and the driver's reading decides how the
-    ingress's deployment handle, made here, talks to the replicas (gRPC, or Ray's object store)."""
+    """Put LOCAL_RAY_SERVE_ENV, and free ports for HAProxy's exporter and stats page, into this process's
+    environment (values already there win). Call it before `ray.serve` is imported: Serve reads these when it is
+    imported, and the driver's reading decides how the ingress's deployment handle, made here, talks to the
+    replicas (gRPC, or Ray's object store)."""
     for name, value in LOCAL_RAY_SERVE_ENV.items():
         os.environ.setdefault(name, value)
+    for name in HAPROXY_SIDE_PORTS:
+        if name not in os.environ:
+            os.environ[name] = str(_free_port())
 
 
 MAX_STREAM_INTERVAL_MS = 10_000.0

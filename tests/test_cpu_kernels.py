@@ -19,6 +19,7 @@ STORED = [torch.float32, torch.bfloat16, torch.float16, torch.float8_e4m3fn]
 # (out, in): the demo's projections, a head-sized product, an odd shape, and a reduction long enough to be
 # carried across chunks of K (Phi-4's down_proj reads 17,920).
 SHAPES = [(384, 256), (256, 896), (100352, 256), (77, 1000), (96, 2600)]
+PORTABLE_FLAGS = ("-mno-avx512f", "-mno-avx2", "-mno-avx", "-mno-fma", "-mno-f16c")  # plain C, any x86-64
 
 
 def stored_weight(shape: tuple[int, int], dtype: torch.dtype, seed: int) -> tuple[PackedWeight, torch.Tensor]:
@@ -153,8 +154,7 @@ def test_a_query_attends_the_same_alone_as_in_any_batch() -> None:
 
 def build_variants() -> dict[str, cpu_kernels.ctypes.CDLL]:
     """The same source built for AVX-512 (where the CPU has it), AVX2 and portable C."""
-    variants = {"native": (), "avx2": ("-mno-avx512f",),
-                "portable": ("-mno-avx512f", "-mno-avx2", "-mno-avx", "-mno-fma", "-mno-f16c")}
+    variants = {"native": (), "avx2": ("-mno-avx512f",), "portable": PORTABLE_FLAGS}
     return {name: cpu_kernels.load_library(cpu_kernels.build_library(flags)) for name, flags in variants.items()}
 
 
@@ -218,6 +218,12 @@ def test_the_library_is_built_once_per_cpu_and_reused(tmp_path, monkeypatch) -> 
     monkeypatch.setenv("CC", "no-such-compiler")
     with pytest.raises(cpu_kernels.KernelBuildError, match="C compiler"):
         cpu_kernels.build_library(("-DANOTHER_BUILD",))
+
+
+def test_phi4_kernel_flags_choose_the_build_that_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`PHI4_KERNEL_FLAGS` reaches the compiler: the build a CPU without AVX-512 or AVX2 would get runs here."""
+    monkeypatch.setenv("PHI4_KERNEL_FLAGS", " ".join(PORTABLE_FLAGS))
+    assert cpu_kernels.kernels.__wrapped__().phi4_isa() == b"portable"
 
 
 def test_a_prompt_attends_the_same_whole_in_chunks_or_token_by_token() -> None:

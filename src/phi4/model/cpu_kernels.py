@@ -6,8 +6,9 @@ on the instruction set, and nothing rests on what a BLAS library happens to do o
 packed at load into 64-column blocks in their stored precision and widened in registers (exact).
 
 The library is compiled with the system's C compiler (`$CC`, else `cc`) for the CPU at hand
-(`-march=native`) into `$PHI4_CACHE/kernels`, keyed by the source, the compiler and the CPU, and linked
-against the OpenMP runtime that torch has already loaded, so both share one pool of threads.
+(`-march=native`, plus `$PHI4_KERNEL_FLAGS`) into `$PHI4_CACHE/kernels`, keyed by the source, the compiler, the
+flags and the CPU, and linked against the OpenMP runtime that torch has already loaded, so both share one pool
+of threads.
 """
 
 from __future__ import annotations
@@ -104,7 +105,9 @@ def load_library(path: Path) -> ctypes.CDLL:
 
 @functools.cache
 def kernels() -> ctypes.CDLL:
-    return load_library(build_library())
+    """The library for this CPU, built with `$PHI4_KERNEL_FLAGS` added to the compiler's flags (space-separated:
+    e.g. `-mno-avx512f` runs the AVX2 build that a CPU without AVX-512 gets, with the same bits)."""
+    return load_library(build_library(tuple(os.environ.get("PHI4_KERNEL_FLAGS", "").split())))
 
 
 def _threads() -> int:

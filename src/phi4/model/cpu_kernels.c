@@ -509,7 +509,11 @@ void phi4_rotary_and_cache(float *qkv, int64_t tokens, int64_t ld, int64_t heads
 /* ---- paged attention -------------------------------------------------------------------------------- */
 
 #define QUERY_BLOCK 16 /* query tokens of one sequence that share each tile of keys */
-#define SCORE_ROWS 4   /* query rows that share each key vector read for their scores */
+#ifdef __AVX512F__
+#define SCORE_ROWS 8 /* query rows that share each key vector read for their scores (8 of 32 registers) */
+#else
+#define SCORE_ROWS 4 /* a v16 is two AVX2 registers */
+#endif
 #define VALUE_ROWS 4   /* query rows by 16-lane vectors of head_dim whose weighted sums stay in registers: */
 #ifdef __AVX512F__
 #define VALUE_VECS 2
@@ -623,12 +627,15 @@ void phi4_attention(const float *q, int64_t ldq, const float *k_cache, const flo
         }
         for (int64_t r = 0; r < rows; r += SCORE_ROWS) {
           float *tile = scores + r * padded + j0;
+#define SCORE(n) score_rows(queries + r, keys, head_dim, n, scale, tile, padded); break;
           switch (rows - r < SCORE_ROWS ? rows - r : SCORE_ROWS) {
-          case 1: score_rows(queries + r, keys, head_dim, 1, scale, tile, padded); break;
-          case 2: score_rows(queries + r, keys, head_dim, 2, scale, tile, padded); break;
-          case 3: score_rows(queries + r, keys, head_dim, 3, scale, tile, padded); break;
-          default: score_rows(queries + r, keys, head_dim, SCORE_ROWS, scale, tile, padded); break;
+          case 1: SCORE(1) case 2: SCORE(2) case 3: SCORE(3)
+#if SCORE_ROWS > 4
+          case 4: SCORE(4) case 5: SCORE(5) case 6: SCORE(6) case 7: SCORE(7)
+#endif
+          default: SCORE(SCORE_ROWS)
           }
+#undef SCORE
         }
       }
       for (int64_t r = 0; r < rows; r++) {

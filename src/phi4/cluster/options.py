@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import socket
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,8 +36,10 @@ HAPROXY_SIDE_PORTS = ("RAY_SERVE_HAPROXY_METRICS_PORT", "RAY_SERVE_HAPROXY_STATS
 
 
 def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("", 0))  # every interface: HAProxy binds them there
+    # imported here, not at the top: a replica imports this module too, and needs no server
+    from phi4.server.serve import bind_listening_socket
+
+    with bind_listening_socket("", 0) as sock:  # every interface: HAProxy binds them there
         return int(sock.getsockname()[1])
 
 

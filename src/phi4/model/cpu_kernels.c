@@ -275,9 +275,10 @@ static inline void store_row(const Product *p, const v16 *acc, int64_t row, int6
    (unscaled), or NULL to start from zero. Inlined into one copy per tile shape (packed_tile), so that the
    compiler unrolls it and keeps the sums in registers. Every shape sums k in order: the same bits. */
 static inline __attribute__((always_inline)) void tile_from_packed(const Product *p, const int format, int64_t block,
-                                                                   int64_t row, const int rows, const int j0,
+                                                                   int64_t row, const int rows, int j0,
                                                                    const int vecs, int64_t k0, int64_t k1,
                                                                    float *partial, int64_t ld_partial) {
+  j0 = vecs == 4 ? 0 : j0; /* a constant where the tile is the whole block: its copy adds no offsets */
   v16 acc[ROW_TILE][4];
   for (int i = 0; i < rows; i++)
     for (int j = 0; j < vecs; j++)
@@ -308,9 +309,10 @@ static inline __attribute__((always_inline)) void tile_from_packed(const Product
 
 /* The same sums over weights already widened into `widened` [k1 - k0][64]: for many rows. */
 static inline __attribute__((always_inline)) void tile_from_widened(const Product *p, const float *widened, int64_t block,
-                                                                    int64_t row, const int rows, const int j0,
+                                                                    int64_t row, const int rows, int j0,
                                                                     int64_t k0, int64_t k1, float *partial,
                                                                     int64_t ld_partial) {
+  j0 = TILE_VECS == 4 ? 0 : j0; /* as in tile_from_packed */
   v16 acc[ROW_TILE][TILE_VECS];
   for (int i = 0; i < rows; i++)
     for (int j = 0; j < TILE_VECS; j++)
@@ -337,8 +339,7 @@ static inline __attribute__((always_inline)) void tile_from_widened(const Produc
    are read once, front to back); several rows take TILE_VECS vectors at a time. */
 static void packed_tile(const Product *p, int64_t block, int64_t row, int rows, int j0, int vecs, int64_t k0,
                         int64_t k1, float *partial, int64_t ld_partial) {
-  /* a tile of all four vectors starts at the first: a constant, so that its copy has no offsets to add */
-#define TILE(format, n, v) tile_from_packed(p, format, block, row, n, (v) == 4 ? 0 : j0, v, k0, k1, partial, ld_partial)
+#define TILE(format, n, v) tile_from_packed(p, format, block, row, n, j0, v, k0, k1, partial, ld_partial)
 #define ROWS_CASE(format, n) case n: TILE(format, n, TILE_VECS); break;
 #if ROW_TILE > 1
 #define ROW_CASES(format) \
@@ -361,7 +362,6 @@ static void packed_tile(const Product *p, int64_t block, int64_t row, int rows, 
 
 static void widened_tile(const Product *p, const float *widened, int64_t block, int64_t row, int rows, int j0,
                          int64_t k0, int64_t k1, float *partial, int64_t ld_partial) {
-  j0 = TILE_VECS == 4 ? 0 : j0;
   if (rows == ROW_TILE) tile_from_widened(p, widened, block, row, ROW_TILE, j0, k0, k1, partial, ld_partial);
   else tile_from_widened(p, widened, block, row, rows, j0, k0, k1, partial, ld_partial);
 }
@@ -540,8 +540,9 @@ static inline v16 value_vector(const float *value, int64_t d, int64_t head_dim) 
 }
 
 /* Vectors [d0, d0 + nv) of the weighted sums of `nr` query rows: over their visible keys j in order (row i sees
-   j < visible[i], which grows with i), score times value, in registers until the end. */
-static inline __attribute__((always_inline)) void weigh_values(const float *const *values, const float *scores,
+   j < visible[i], which grows with i), score times value (at v_cache + at[j]), in registers until the end. */
+static inline __attribute__((always_inline)) void weigh_values(const float *v_cache, const int64_t *at,
+                                                               const float *scores,
                                                                int64_t padded, const int64_t *visible, const int nr,
                                                                int64_t d0, const int nv, int64_t head_dim,
                                                                v16 *acc, int64_t vectors) {
@@ -550,14 +551,14 @@ static inline __attribute__((always_inline)) void weigh_values(const float *cons
     for (int e = 0; e < nv; e++) sums[i][e] = v_zero();
   int64_t j = 0;
   for (; j < visible[0]; j++) { /* keys every row sees */
-    for (int e = 0; e < nv; e++) v[e] = value_vector(values[j], d0 + e, head_dim);
+    for (int e = 0; e < nv; e++) v[e] = value_vector(v_cache + at[j], d0 + e, head_dim);
     for (int i = 0; i < nr; i++) {
       const v16 score = v_set1(scores[i * padded + j]);
       for (int e = 0; e < nv; e++) sums[i][e] = v_fma(score, v[e], sums[i][e]);
     }
   }
   for (; j < visible[nr - 1]; j++) { /* keys only the later rows see */
-    for (int e = 0; e < nv; e++) v[e] = value_vector(values[j], d0 + e, head_dim);
+    for (int e = 0; e < nv; e++) v[e] = value_vector(v_cache + at[j], d0 + e, head_dim);
     for (int i = 0; i < nr; i++) {
       if (j >= visible[i]) continue;
       const v16 score = v_set1(scores[i * padded + j]);
@@ -600,7 +601,7 @@ void phi4_attention(const float *q, int64_t ldq, const float *k_cache, const flo
     float *inverse_sum = (float *)malloc((size_t)max_rows * sizeof(float));
     int64_t *visible = (int64_t *)malloc((size_t)max_rows * sizeof(int64_t));
     const float **queries = (const float **)malloc((size_t)max_rows * sizeof(float *));
-    const float **values = (const float **)malloc((size_t)padded * sizeof(float *));
+    int64_t *at = (int64_t *)malloc((size_t)padded * sizeof(int64_t)); /* key j's place in either cache */
 #pragma omp for schedule(dynamic, 1)
     for (int64_t item = 0; item < blocks * kv_heads; item++) {
       const int64_t b = item / kv_heads, kv_head = item % kv_heads, s = block_seq[b], t0 = block_first[b];
@@ -613,13 +614,12 @@ void phi4_attention(const float *q, int64_t ldq, const float *k_cache, const flo
         queries[r] = q + (t0 + r / group) * ldq + (kv_head * group + r % group) * head_dim;
       }
       for (int64_t j = 0; j < keys_seen; j++)
-        values[j] = v_cache + ((int64_t)table[j / block_size] * block_size + j % block_size) * kv_width + kv_head * head_dim;
+        at[j] = ((int64_t)table[j / block_size] * block_size + j % block_size) * kv_width + kv_head * head_dim;
       for (int64_t j0 = 0; j0 < keys_seen; j0 += 16) {
         for (int64_t jj = 0; jj < 16; jj++) {
           const int64_t j = j0 + jj;
           if (j < keys_seen) {
-            const int64_t slot = (int64_t)table[j / block_size] * block_size + j % block_size;
-            const float *key = k_cache + slot * kv_width + kv_head * head_dim;
+            const float *key = k_cache + at[j];
             for (int64_t d = 0; d < head_dim; d++) keys[d * 16 + jj] = key[d];
           } else {
             for (int64_t d = 0; d < head_dim; d++) keys[d * 16 + jj] = 0.0f;
@@ -664,7 +664,7 @@ void phi4_attention(const float *q, int64_t ldq, const float *k_cache, const flo
         for (int64_t d = 0; d < vectors; d += VALUE_VECS) {
           const int nr = (int)(rows - r < VALUE_ROWS ? rows - r : VALUE_ROWS);
           const int nv = (int)(vectors - d < VALUE_VECS ? vectors - d : VALUE_VECS);
-#define WEIGH(n, m) weigh_values(values, scores + r * padded, padded, visible + r, n, d, m, head_dim, acc + r * vectors, vectors)
+#define WEIGH(n, m) weigh_values(v_cache, at, scores + r * padded, padded, visible + r, n, d, m, head_dim, acc + r * vectors, vectors)
           if (nv == VALUE_VECS) {
             switch (nr) { case 1: WEIGH(1, VALUE_VECS); break; case 2: WEIGH(2, VALUE_VECS); break;
                           case 3: WEIGH(3, VALUE_VECS); break; default: WEIGH(VALUE_ROWS, VALUE_VECS); break; }
@@ -690,7 +690,7 @@ void phi4_attention(const float *q, int64_t ldq, const float *k_cache, const flo
     free(inverse_sum);
     free(visible);
     free(queries);
-    free(values);
+    free(at);
   }
   free(block_seq);
 }

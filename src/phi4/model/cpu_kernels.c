@@ -88,7 +88,7 @@ static inline float v_hmax(v16 a) { return _mm512_reduce_max_ps(a); } /* max is 
 #define PHI4_ISA "avx2"
 #define ROW_TILE 6  /* 6 rows by 16 columns: 12 accumulators of the 16 registers (a v16 is two), so that */
 #define TILE_VECS 1 /* each weight widened into registers serves 6 rows (1 row by 64, which widened every */
-                    /* weight once per row, made products of 3 to 512 rows 1.3-1.9x slower) */
+                    /* weight once per row, made products of 3-512 rows 1.3-1.9x slower on a Xeon) */
 typedef struct { __m256 lo, hi; } v16;
 static inline v16 v_make(__m256 lo, __m256 hi) { v16 r = {lo, hi}; return r; }
 static inline v16 v_zero(void) { return v_make(_mm256_setzero_ps(), _mm256_setzero_ps()); }
@@ -381,7 +381,8 @@ void phi4_linear(const float *x, int64_t m, int64_t k, int64_t ldx, const void *
     /* One register tile keeps its sums in registers across all of K (buffered only between chunks of a
        long K, so that the weights stream through the cache once); several tiles share L1-sized runs. */
     /* Narrow tiles (AVX2) only from three rows: two rows by 16 columns widen too few weights per pass to pay
-       for a block's four passes (0.92x the speed of each row alone). A constant where tiles are whole blocks. */
+       for a block's four passes (0.92x each row alone, AVX2 build on a Xeon). A constant where tiles are whole
+       blocks. */
     const int vecs = TILE_VECS == 4 || m <= 2 ? 4 : TILE_VECS, row_tile = vecs > TILE_VECS ? 1 : ROW_TILE;
     const int64_t chunk = m > row_tile || vecs < 4 ? L1_ROWS : k <= 4 * K_CHUNK ? k : K_CHUNK;
 #pragma omp parallel num_threads(team_size(threads, blocks))
@@ -577,7 +578,7 @@ static inline __attribute__((always_inline)) void weigh_values(const float *v_ca
    exact per query: the max, the exponentials, their sum (16 lanes over runs of 16 keys, one tree), then the
    values weighted key by key in order. A query's numbers depend on its own keys and nothing else. Rows are
    computed a few at a time (score_rows, weigh_values) so that each key or value read serves several, with
-   each row's sums in the same order as alone: prefill 1.2-1.4x faster than row by row (demo, AVX-512). */
+   each row's sums in the same order as alone: prefill 1.2-1.4x faster than row by row (demo, AVX-512 Xeon). */
 void phi4_attention(const float *q, int64_t ldq, const float *k_cache, const float *v_cache, float *out,
                     int64_t ld_out, int64_t num_seqs, const int32_t *query_start, const int32_t *context_lens,
                     const int32_t *block_tables, int64_t max_blocks, int64_t block_size, int64_t heads,

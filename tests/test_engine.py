@@ -144,6 +144,8 @@ def test_bad_prompts_are_refused(llm: LLM) -> None:
         llm.generate([[]], GREEDY)
     with pytest.raises(InvalidRequestError, match="token ids"):
         llm.generate([[1, 2, 10**6]], GREEDY)
+    with pytest.raises(InvalidRequestError, match="token ids"):
+        llm.generate([[-1, 2]], GREEDY)
     assert not llm.engine.has_unfinished_requests()
 
 

@@ -131,9 +131,32 @@ class EngineClient(Protocol):
     def shutdown(self) -> None: ...
 
 
+# Handing work to a worker thread and back costs about 115 us of CPU (Intel Xeon, Sapphire Rapids class); preparing
+# token ids (validation only) costs about 1 us, a one-line chat 46 us, 2,000 characters of text 660 us. A prompt up to
+# this many characters, with no grammar to compile, is prepared on the event loop: it stalls the loop no longer than
+# the hand-off would cost, and a fleet's ingress, which prepares every request, saves a tenth of its CPU.
+INLINE_PROMPT_CHARS = 512
+_MESSAGE_CHARS = 64  # what one message adds to the template's work, besides its content
+
+
+def prompt_chars(prompt: PromptInput) -> int:
+    """The characters there are to tokenize in a prompt (token ids: none)."""
+    if isinstance(prompt, str):
+        return len(prompt)
+    if prompt and isinstance(prompt[0], dict):
+        messages: Messages = prompt  # type: ignore[assignment]
+        return sum(len(str(message.get("content") or "")) + _MESSAGE_CHARS for message in messages)
+    return 0
+
+
+def prepared_inline(request: EngineRequest) -> bool:
+    return request.grammar is None and not request.checks and prompt_chars(request.prompt) <= INLINE_PROMPT_CHARS
+
+
 class PreparingClient:
-    """`prepare` and `tokenize` on a pool of worker threads, never on the event loop: the part of an
-    EngineClient that is the same in one process and in front of a fleet (phi4/cluster)."""
+    """`prepare` and `tokenize` on a pool of worker threads, so that the event loop never stalls, except for
+    prompts too short to be worth the hand-off (INLINE_PROMPT_CHARS): the part of an EngineClient that is the same
+    in one process and in front of a fleet (phi4/cluster)."""
 
     def __init__(self, preparer: RequestPreparer, workers: int = 4) -> None:
         self._preparer = preparer
@@ -143,9 +166,13 @@ class PreparingClient:
         return await asyncio.get_running_loop().run_in_executor(self._workers, function, *args)
 
     async def prepare(self, request: EngineRequest) -> PreparedRequest:
+        if prepared_inline(request):
+            return self._preparer.prepare(request)
         return await self._off_loop(self._preparer.prepare, request)
 
     async def tokenize(self, prompt: PromptInput) -> list[int]:
+        if prompt_chars(prompt) <= INLINE_PROMPT_CHARS:
+            return self._preparer.tokenize(prompt)
         return await self._off_loop(self._preparer.tokenize, prompt)
 
 

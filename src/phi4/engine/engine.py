@@ -57,7 +57,7 @@ def validate_request(prompt_ids: list[int], params: SamplingParams, vocab_size: 
     """Everything about a request that must hold before it is queued; a problem is a typed error naming it."""
     if not prompt_ids:
         raise InvalidRequestError("the prompt is empty", "prompt")
-    if any(not 0 <= t < vocab_size for t in prompt_ids):
+    if min(prompt_ids) < 0 or max(prompt_ids) >= vocab_size:  # C loops: a 16K-token prompt costs microseconds
         raise InvalidRequestError(f"prompt token ids must be in [0, {vocab_size})", "prompt")
     if len(prompt_ids) >= max_model_len:
         raise ContextLengthExceededError(len(prompt_ids), max_model_len)

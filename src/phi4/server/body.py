@@ -94,7 +94,8 @@ def parse_json(raw: bytes) -> Any:
 
 
 def _check_values(data: Any) -> None:
-    """Depth within MAX_DEPTH, and every string (keys too) encodable as UTF-8: no lone surrogates."""
+    """Depth within MAX_DEPTH, and every string (keys too) encodable as UTF-8: no lone surrogates. Numbers, booleans
+    and null need no check and are not visited: a prompt of token ids passes at C speed."""
     stack: list[tuple[Any, int]] = [(data, 0)]
     while stack:
         node, depth = stack.pop()
@@ -105,9 +106,13 @@ def _check_values(data: Any) -> None:
         elif isinstance(node, dict):
             for key, value in node.items():
                 _check_text(key)
-                stack.append((value, depth + 1))
+                if isinstance(value, _CHECKED):
+                    stack.append((value, depth + 1))
         elif isinstance(node, list):
-            stack.extend((value, depth + 1) for value in node)
+            stack.extend((value, depth + 1) for value in node if isinstance(value, _CHECKED))
+
+
+_CHECKED = (str, dict, list)
 
 
 def _check_text(text: str) -> None:

@@ -13,7 +13,8 @@ from phi4.server import tools
 from phi4.server.answer import AnswerReader
 from phi4.server.errors import APIError, stream_error
 from phi4.server.generation import (
-    ChoiceRun, ChoiceState, chat_logprobs, choice_seed, output_grammar, sampling_params, usage, vllm_prompt_logprobs,
+    ChoiceRun, ChoiceState, all_finished, chat_logprobs, choice_seed, one_write, output_grammar, sampling_params, usage,
+    vllm_prompt_logprobs,
 )
 from phi4.server.protocol import ChatCompletionRequest
 from phi4.server.state import Reservation, ServerState
@@ -119,37 +120,41 @@ async def _stream(
     def delta(index: int, fields: dict[str, Any], logprobs: dict[str, Any] | None = None) -> str:
         return chunk([{"index": index, "delta": fields, "logprobs": logprobs, "finish_reason": None}])
 
+    events: list[str] = []
     try:
-        for c in choices:
-            yield delta(c.index, {"role": "assistant", "content": ""})
+        yield "".join(delta(c.index, {"role": "assistant", "content": ""}) for c in choices)
         async for index, output in run.outputs():
             choices[index].add(output)
             logprobs = chat_logprobs(state.tokenizer, output.new_logprobs) if with_logprobs else None
             for event in readers[index].feed(output.new_text, final=output.finished):
                 if event.kind == "reasoning":
-                    yield delta(index, {"reasoning_content": event.text, "reasoning": event.text})
+                    events.append(delta(index, {"reasoning_content": event.text, "reasoning": event.text}))
                 elif event.kind == "content":
-                    yield delta(index, {"content": event.text}, logprobs)
+                    events.append(delta(index, {"content": event.text}, logprobs))
                     logprobs = None
                 elif event.kind == "call":
                     call = event.call
                     assert call is not None
-                    yield delta(index, {"tool_calls": [{"index": event.index, "id": call.id, "type": "function",
-                                                        "function": {"name": call.name, "arguments": ""}}]})
+                    events.append(delta(index, {"tool_calls": [{
+                        "index": event.index, "id": call.id, "type": "function",
+                        "function": {"name": call.name, "arguments": ""}}]}))
                 else:
-                    yield delta(index, {"tool_calls": [{"index": event.index,
-                                                        "function": {"arguments": event.text}}]})
+                    events.append(delta(index, {"tool_calls": [{"index": event.index,
+                                                                "function": {"arguments": event.text}}]}))
             if logprobs and logprobs["content"]:  # tokens whose text is held back still report their logprobs
-                yield delta(index, {"content": ""}, logprobs)
+                events.append(delta(index, {"content": ""}, logprobs))
             if output.finished:
                 called = bool(readers[index].calls) and output.finish_reason == "stop"
-                yield chunk([{"index": index, "delta": {}, "logprobs": None,
-                              "finish_reason": "tool_calls" if called else output.finish_reason}])
+                events.append(chunk([{"index": index, "delta": {}, "logprobs": None,
+                                      "finish_reason": "tool_calls" if called else output.finish_reason}]))
+            if events and not all_finished(choices):  # the last output's events go with the usage and [DONE]
+                yield one_write(events)
         if include_usage:
-            yield chunk([], usage=usage(prompt_tokens, choices))
+            events.append(chunk([], usage=usage(prompt_tokens, choices)))
         state.finish_request(header["id"], prompt_tokens, choices, run)
     except Exception as exc:  # noqa: BLE001 - the stream has begun: report in-band, then end it properly
-        yield stream_error(exc)
+        events.append(stream_error(exc))
     finally:
         run.close()
-    yield "data: [DONE]\n\n"
+    events.append("data: [DONE]\n\n")
+    yield one_write(events)

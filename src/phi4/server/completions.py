@@ -11,8 +11,8 @@ from typing import Any
 from phi4.engine.client import EngineRequest, TokenLogprob
 from phi4.server.errors import APIError, stream_error
 from phi4.server.generation import (
-    ChoiceRun, ChoiceState, choice_seed, completion_logprobs, output_grammar, sampling_params, usage,
-    vllm_prompt_logprobs,
+    ChoiceRun, ChoiceState, all_finished, choice_seed, completion_logprobs, one_write, output_grammar, sampling_params,
+    usage, vllm_prompt_logprobs,
 )
 from phi4.server.protocol import CompletionRequest
 from phi4.server.state import Reservation, ServerState
@@ -112,28 +112,36 @@ async def _stream(
     echo_waits = view.request.logprobs is not None or view.request.prompt_logprobs is not None
     echoed = [not view.echo(c) for c in choices]
     offsets = [len(view.echo(c)) for c in choices]
+    events: list[str] = []
     try:
         for c in choices:
             if not echoed[c.index] and not echo_waits:
                 echoed[c.index] = True
-                yield chunk([{"index": c.index, "text": view.echo(c), "logprobs": None, "finish_reason": None}])
+                events.append(chunk([{"index": c.index, "text": view.echo(c), "logprobs": None,
+                                      "finish_reason": None}]))
+        if events:
+            yield one_write(events)
         async for index, output in run.outputs():
             choice = choices[index]
             choice.add(output)
             if not echoed[index]:
                 echoed[index] = True
-                yield chunk([{"index": index, "text": view.echo(choice), "finish_reason": None,
-                              "logprobs": view.logprobs(choice, [], 0, with_prompt=True), **view.extras(choice)}])
+                events.append(chunk([{"index": index, "text": view.echo(choice), "finish_reason": None,
+                                      "logprobs": view.logprobs(choice, [], 0, with_prompt=True),
+                                      **view.extras(choice)}]))
             logprobs = view.logprobs(choice, output.new_logprobs, offsets[index], with_prompt=False)
             offsets[index] += len(output.new_text)
             if output.new_text or output.finished or logprobs:
-                yield chunk([{"index": index, "text": output.new_text, "logprobs": logprobs,
-                              "finish_reason": output.finish_reason if output.finished else None}])
+                events.append(chunk([{"index": index, "text": output.new_text, "logprobs": logprobs,
+                                      "finish_reason": output.finish_reason if output.finished else None}]))
+            if events and not all_finished(choices):  # the last output's events go with the usage and [DONE]
+                yield one_write(events)
         if include_usage:
-            yield chunk([], usage=usage(prompt_tokens, choices, prompts))
+            events.append(chunk([], usage=usage(prompt_tokens, choices, prompts)))
         state.finish_request(header["id"], prompt_tokens, choices, run)
     except Exception as exc:  # noqa: BLE001 - the stream has begun: report in-band, then end it properly
-        yield stream_error(exc)
+        events.append(stream_error(exc))
     finally:
         run.close()
-    yield "data: [DONE]\n\n"
+    events.append("data: [DONE]\n\n")
+    yield one_write(events)

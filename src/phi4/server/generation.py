@@ -87,6 +87,20 @@ class ChoiceState:
             self.finish_reason = output.finish_reason
 
 
+def all_finished(choices: list[ChoiceState]) -> bool:
+    return all(choice.finish_reason is not None for choice in choices)
+
+
+def one_write(events: list[str]) -> str:
+    """The server-sent events that are ready together, as one piece for the socket (and `events` emptied): each
+    engine output's events (its text and its finish), and the last ones with the usage and [DONE]. Each piece a
+    stream yields is one pass through the ASGI middleware and one system call; in a fleet's ingress the writes took
+    a sixth of its CPU."""
+    text = "".join(events)
+    events.clear()
+    return text
+
+
 @dataclass
 class ChoiceRun:
     """The choices of one HTTP request, submitted to the engine at once (so that the queue counts them from

@@ -62,8 +62,14 @@ static inline v16 v_min(v16 a, v16 b) { return _mm512_min_ps(a, b); }
 static inline v16 v_pow2(v16 n) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23));
 }
-static inline v16 v_load_bf16(const uint16_t *p) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+/* 16 columns of a pair of vectors' worth of bf16 weights (the packed layout, PackedWeight.pack: 32-bit word i of
+   the pair holds column i in its low half and column 16 + i in its high half): the low halves shifted up, or the
+   high halves masked, are float32 already. One operation per 16 weights, not two (a zero-extension and a shift):
+   decode products of 4-32 rows 1.1-1.2x faster on a Xeon, where the widening competed with the FMAs for ports. */
+static inline v16 v_load_bf16_pair(const uint16_t *pair, int high) {
+  const __m512i words = _mm512_loadu_si512(pair);
+  return _mm512_castsi512_ps(high ? _mm512_and_si512(words, _mm512_set1_epi32((int)0xFFFF0000u))
+                                  : _mm512_slli_epi32(words, 16));
 }
 static inline v16 v_load_f16(const uint16_t *p) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p)); }
 /* e4m3 -> float16 bits by placing exponent and mantissa (subnormals included), then x 2^8 for the bias */
@@ -112,9 +118,13 @@ static inline __m256 pow2_8(__m256 n) {
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23));
 }
 static inline v16 v_pow2(v16 n) { return v_make(pow2_8(n.lo), pow2_8(n.hi)); }
-static inline __m256 bf16_8(__m128i h) { return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16)); }
-static inline v16 v_load_bf16(const uint16_t *p) {
-  return v_make(bf16_8(_mm_loadu_si128((const __m128i *)p)), bf16_8(_mm_loadu_si128((const __m128i *)(p + 8))));
+static inline __m256 bf16_8(__m256i words, int high) {
+  return _mm256_castsi256_ps(high ? _mm256_and_si256(words, _mm256_set1_epi32((int)0xFFFF0000u))
+                                  : _mm256_slli_epi32(words, 16));
+}
+static inline v16 v_load_bf16_pair(const uint16_t *pair, int high) { /* as in the AVX-512 build */
+  return v_make(bf16_8(_mm256_loadu_si256((const __m256i *)pair), high),
+                bf16_8(_mm256_loadu_si256((const __m256i *)(pair + 16)), high));
 }
 static inline v16 v_load_f16(const uint16_t *p) {
   return v_make(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)),
@@ -173,7 +183,11 @@ static inline v16 v_pow2(v16 n) {
   return r;
 }
 static inline float widen_bf16(uint16_t h) { uint32_t bits = (uint32_t)h << 16; float f; memcpy(&f, &bits, 4); return f; }
-static inline v16 v_load_bf16(const uint16_t *p) { v16 r; for (int i = 0; i < 16; i++) r.f[i] = widen_bf16(p[i]); return r; }
+static inline v16 v_load_bf16_pair(const uint16_t *pair, int high) { /* word i: column i low, 16 + i high */
+  v16 r;
+  for (int i = 0; i < 16; i++) r.f[i] = widen_bf16(pair[2 * i + high]);
+  return r;
+}
 static inline float widen_f16(uint16_t h) { /* exact: every float16 is a float32 */
   int exponent = (h >> 10) & 0x1F, mantissa = h & 0x3FF;
   float magnitude = exponent == 0    ? ldexpf((float)mantissa, -24)
@@ -247,12 +261,15 @@ typedef struct {
   int64_t ldy;
 } Product;
 
-static inline v16 load_weights(const void *base, int format, int64_t offset) {
+/* Vector `vector` (0-3, 16 columns each) of the 64-column row of packed weights that starts at `row`; `high` is
+   vector % 2, passed apart so that a caller whose vector is known only at run time can still make it a constant
+   (a bf16 vector is the low or the high halves of a pair: chosen at run time, both would be computed). */
+static inline v16 load_weights(const void *base, int format, int64_t row, int vector, const int high) {
   switch (format) {
-  case FORMAT_BF16: return v_load_bf16((const uint16_t *)base + offset);
-  case FORMAT_F16: return v_load_f16((const uint16_t *)base + offset);
-  case FORMAT_E4M3: return v_load_e4m3((const uint8_t *)base + offset);
-  default: return v_load((const float *)base + offset);
+  case FORMAT_BF16: return v_load_bf16_pair((const uint16_t *)base + row + 32 * (vector / 2), high);
+  case FORMAT_F16: return v_load_f16((const uint16_t *)base + row + 16 * vector);
+  case FORMAT_E4M3: return v_load_e4m3((const uint8_t *)base + row + 16 * vector);
+  default: return v_load((const float *)base + row + 16 * vector);
   }
 }
 
@@ -276,8 +293,8 @@ static inline void store_row(const Product *p, const v16 *acc, int64_t row, int6
    compiler unrolls it and keeps the sums in registers. Every shape sums k in order: the same bits. */
 static inline __attribute__((always_inline)) void tile_from_packed(const Product *p, const int format, int64_t block,
                                                                    int64_t row, const int rows, int j0,
-                                                                   const int vecs, int64_t k0, int64_t k1,
-                                                                   float *partial, int64_t ld_partial) {
+                                                                   const int vecs, const int odd, int64_t k0,
+                                                                   int64_t k1, float *partial, int64_t ld_partial) {
   j0 = vecs == 4 ? 0 : j0; /* a constant where the tile is the whole block: its copy adds no offsets */
   v16 acc[ROW_TILE][4];
   for (int i = 0; i < rows; i++)
@@ -292,7 +309,7 @@ static inline __attribute__((always_inline)) void tile_from_packed(const Product
     if (j0 == 0)
       for (int64_t line = 0; line < row_bytes; line += 64) __builtin_prefetch(stream + (k + PREFETCH_ROWS) * row_bytes + line);
     v16 w[4];
-    for (int j = 0; j < vecs; j++) w[j] = load_weights(p->weight, format, base + k * BLOCK_COLS + 16 * (j0 + j));
+    for (int j = 0; j < vecs; j++) w[j] = load_weights(p->weight, format, base + k * BLOCK_COLS, j0 + j, (odd + j) % 2);
     for (int i = 0; i < rows; i++) {
       v16 b = v_set1(p->x[(row + i) * p->ldx + k]);
       for (int j = 0; j < vecs; j++) acc[i][j] = v_fma(b, w[j], acc[i][j]);
@@ -339,7 +356,10 @@ static inline __attribute__((always_inline)) void tile_from_widened(const Produc
    are read once, front to back); several rows take TILE_VECS vectors at a time. */
 static void packed_tile(const Product *p, int64_t block, int64_t row, int rows, int j0, int vecs, int64_t k0,
                         int64_t k1, float *partial, int64_t ld_partial) {
-#define TILE(format, n, v) tile_from_packed(p, format, block, row, n, j0, v, k0, k1, partial, ld_partial)
+/* `odd`, j0 % 2, a constant in each copy: narrow tiles (whose j0 is known only at run time) get two */
+#define TILE(format, n, v) \
+  if ((v) < 4 && j0 % 2) tile_from_packed(p, format, block, row, n, j0, v, 1, k0, k1, partial, ld_partial); \
+  else tile_from_packed(p, format, block, row, n, j0, v, 0, k0, k1, partial, ld_partial)
 #define ROWS_CASE(format, n) case n: TILE(format, n, TILE_VECS); break;
 #if ROW_TILE > 1
 #define ROW_CASES(format) \
@@ -420,8 +440,10 @@ void phi4_linear(const float *x, int64_t m, int64_t k, int64_t ldx, const void *
       const int64_t base = block * k * BLOCK_COLS;
       for (int64_t k0 = 0; k0 < k; k0 += chunk) {
         const int64_t k1 = k0 + chunk < k ? k0 + chunk : k;
-        for (int64_t i = 0; i < (k1 - k0) * BLOCK_COLS; i += 16)
-          v_store(widened + i, load_weights(weight, format, base + k0 * BLOCK_COLS + i));
+        for (int64_t kk = k0; kk < k1; kk++)
+          for (int v = 0; v < 4; v++)
+            v_store(widened + (kk - k0) * BLOCK_COLS + 16 * v,
+                    load_weights(weight, format, base + kk * BLOCK_COLS, v, v % 2));
         for (int j0 = 0; j0 < 4; j0 += TILE_VECS) /* a vector's slice of the chunk stays in L1 over the rows */
           for (int64_t row = first_row; row < last_row; row += ROW_TILE) {
             int rows = (int)(last_row - row < ROW_TILE ? last_row - row : ROW_TILE);

@@ -144,10 +144,22 @@ def empty_on_huge_pages(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Ten
     return aligned.view(dtype).view(shape)
 
 
+def _bf16_positions() -> torch.Tensor:
+    """Where each of a block's 64 columns lies in a packed bfloat16 row: in each half of 32 columns, 32-bit word i
+    holds column i in its low half and column 16 + i in its high half, so that the kernels widen 16 columns with
+    one shift or one mask (cpu_kernels.c, v_load_bf16_pair)."""
+    column = torch.arange(BLOCK_COLS)
+    return 32 * (column // 32) + 2 * (column % 16) + (column % 32) // 16
+
+
+BF16_POSITIONS = _bf16_positions()
+
+
 @dataclass(frozen=True)
 class PackedWeight:
     """A [out, in] weight packed for the kernels: blocks of 64 output columns, [ceil(out/64), in, 64], in
-    the stored precision (float8 as raw bytes, with per-output scales), zero-padded past the last column."""
+    the stored precision (float8 as raw bytes, with per-output scales), zero-padded past the last column;
+    bfloat16 columns in BF16_POSITIONS' order within a block."""
 
     blocks: torch.Tensor
     out_features: int
@@ -165,6 +177,8 @@ class PackedWeight:
         if padded != out_features:
             raw = torch.cat((raw, raw.new_zeros(padded - out_features, in_features)))
         tiles = raw.view(padded // BLOCK_COLS, BLOCK_COLS, in_features).transpose(1, 2)
+        if weight.dtype == torch.bfloat16:
+            tiles = tiles[:, :, torch.argsort(BF16_POSITIONS)]  # position p holds the column placed there
         blocks = empty_on_huge_pages(tuple(tiles.shape), tiles.dtype).copy_(tiles)
         if scale is not None:
             scale = torch.cat((scale.float(), scale.new_zeros(padded - out_features, dtype=torch.float32)))
@@ -177,7 +191,10 @@ class PackedWeight:
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         """Rows of the unpacked weight (an embedding lookup in a tied LM head), widened to float32."""
-        rows = self.blocks[ids // BLOCK_COLS, :, ids % BLOCK_COLS]
+        columns = ids % BLOCK_COLS
+        if self.format == FORMATS[torch.bfloat16]:
+            columns = BF16_POSITIONS[columns]
+        rows = self.blocks[ids // BLOCK_COLS, :, columns]
         return rows.view(torch.float8_e4m3fn).float() if self.format == 3 else rows.float()
 
 

@@ -41,6 +41,7 @@ class Fleet:
              "1", "--max-model-len", "1024", "--api-key", API_KEY, "--port", str(self.port), "--host", "127.0.0.1"],
             stdout=self.log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         self.headers = {"Authorization": f"Bearer {API_KEY}"}
+        self.shared_ports: list[int] = []  # ports another fleet holds with SO_REUSEPORT while this one runs
 
     def health(self) -> dict:
         return httpx.get(f"{self.url}/health", timeout=10).json()
@@ -93,20 +94,63 @@ def ports_held(*ports: int) -> Iterator[None]:
         yield
 
 
+RAY_SHARED_PORTS = (30000, 8500)  # Ray Serve's first ingress port and its fallback proxy's, opened with SO_REUSEPORT
+
+
+@contextlib.contextmanager
+def ports_shared(*ports: int) -> Iterator[list[int]]:
+    """Listening sockets on loopback `ports` opened with SO_REUSEPORT, as another fleet's ingress and proxy open
+    theirs: a process that binds one of them so too shares it without an error. Yields the ports held."""
+    with contextlib.ExitStack() as stack:
+        held = []
+        for port in ports:
+            sock = stack.enter_context(socket.socket())
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            try:
+                sock.bind(("127.0.0.1", port))
+                sock.listen()
+                held.append(port)
+            except OSError:
+                pass  # taken without SO_REUSEPORT: nothing can share it
+        yield held
+
+
+def listeners(port: int) -> int:
+    """How many sockets listen on `port` (any address), from the kernel's tables."""
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            count += fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port
+    return count
+
+
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory: pytest.TempPathFactory, demo_dir: Path) -> Iterator[Fleet]:
-    # HAProxy's default exporter and stats ports are taken, as by another fleet on this machine: this one starts
-    with ports_held(9101, 8404):
-        instance = Fleet(tmp_path_factory.mktemp("fleet"))
+    # Another fleet runs on this machine: its HAProxy holds the default exporter and stats ports (while this one
+    # starts), its ingress and proxy the default ports they share (for as long as this one runs)
+    with ports_shared(*RAY_SHARED_PORTS) as shared:
+        with ports_held(9101, 8404):
+            instance = Fleet(tmp_path_factory.mktemp("fleet"))
+            instance.shared_ports = shared
+            try:
+                instance.wait_healthy(2)
+            except BaseException:
+                instance.stop()
+                raise
         try:
-            instance.wait_healthy(2)
-        except BaseException:
+            yield instance
+        finally:
             instance.stop()
-            raise
-    try:
-        yield instance
-    finally:
-        instance.stop()
+
+
+def test_a_fleet_shares_no_port_with_another_on_the_machine(fleet: Fleet) -> None:
+    """Ray Serve's ingress and proxy listen with SO_REUSEPORT on ports that start from fixed defaults: a second
+    fleet's would bind the first fleet's ports too, and the kernel would split the connections between the two
+    fleets. A local phi4 fleet takes free ports of its own."""
+    if not fleet.shared_ports:
+        pytest.skip("Ray Serve's default ports are taken here without SO_REUSEPORT")
+    assert {port: listeners(port) for port in fleet.shared_ports} == {port: 1 for port in fleet.shared_ports}
 
 
 @pytest.fixture(scope="module")
@@ -496,7 +540,7 @@ def test_the_command_lines_replica_options_reach_the_deployment(monkeypatch, cap
     from phi4.cli import main
 
     started = []
-    monkeypatch.setattr(phi4.cluster.options, "use_local_ray_serve_settings", lambda: None)  # leave os.environ be
+    monkeypatch.setattr(phi4.cluster.options, "use_local_ray_serve_settings", lambda avoid: None)  # leave os.environ be
     monkeypatch.setattr(phi4.cluster.app, "serve_cluster", lambda options, *where: started.append(options) or 0)
     assert main(["serve", "--model", "demo", "--replicas", "3", "--cpus-per-replica", "2",
                  "--stream-interval-ms", "100"]) == 0

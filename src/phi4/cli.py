@@ -58,7 +58,7 @@ def _serve(args: argparse.Namespace) -> int:
         from phi4.cluster.options import ClusterOptions, use_local_ray_serve_settings
 
         if args.ray_address is None:
-            use_local_ray_serve_settings()  # before Ray Serve is imported: it reads them then
+            use_local_ray_serve_settings(frozenset({args.port}))  # before Ray Serve is imported: it reads them
         from phi4.cluster.app import serve_cluster  # Ray is imported only here
 
         cluster = ClusterOptions(

@@ -112,7 +112,7 @@ def serve_cluster(options: ClusterOptions, host: str, port: int, ray_address: st
     local = ray_address is None
     if local:
         bind_listening_socket(host, port).close()  # taken: say so now, not after Ray started and HAProxy failed
-        use_local_ray_serve_settings()  # Ray's processes, started below, inherit them
+        use_local_ray_serve_settings(frozenset({port}))  # Ray's processes, started below, inherit them
         if serve_constants.RAY_SERVE_THROUGHPUT_OPTIMIZED != (os.environ["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "1"):
             logger.warning("Ray Serve was imported before its settings were chosen; this process reads them "
                            "otherwise than Ray's (call use_local_ray_serve_settings() before importing ray.serve)")

@@ -5,10 +5,14 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import random
+import socket
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from phi4.config import EngineConfig
+from phi4.errors import CannotListenError
 
 # Ray Serve's own high-throughput settings, for a local instance that phi4 starts (a cluster joined with
 # --ray-address keeps its own): the throughput-optimized mode (gRPC between deployments, the ingress serving
@@ -29,30 +33,82 @@ LOCAL_RAY_SERVE_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_
                        "RAY_task_events_report_interval_ms": "0"}
 
 
-# HAProxy also serves a Prometheus exporter and a stats page, on fixed ports (9101, 8404) of every interface: a
-# second fleet on the machine, or any other program on either port, kept a local fleet's HAProxy from starting
-# ("cannot bind socket"). A local fleet takes free ports for them instead.
-HAPROXY_SIDE_PORTS = ("RAY_SERVE_HAPROXY_METRICS_PORT", "RAY_SERVE_HAPROXY_STATS_PORT")
+# Ray Serve listens on fixed ports besides the one it serves: HAProxy's Prometheus exporter and stats page (9101,
+# 8404, every interface) and, as HAProxy's backup while the ingress is down, Ray's Python proxy (8500; 9500 for
+# gRPC). A second fleet on the machine, or any other program on one of them, kept a local fleet's HAProxy from
+# starting ("cannot bind socket"), or left its backup the other fleet's proxy. A local fleet takes free ports for them.
+SIDE_PORTS = ("RAY_SERVE_HAPROXY_METRICS_PORT", "RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT",
+              "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT")
+# The ingress replica serves HTTP (and gRPC) itself, behind HAProxy, on a port each Serve controller hands out from a
+# range, the lowest first: 30000-30999 (40000-40999). Those sockets are opened with SO_REUSEPORT, so the ingress of a
+# second fleet on the machine bound the same port without an error, and the kernel split the connections of both
+# HAProxies between both ingresses: requests to one fleet were answered by the other (or by one still loading, 503).
+# A local fleet takes a run of free ports of its own for each (more than one: a replaced ingress takes the next port
+# while its predecessor's waits out a quarantine).
+DIRECT_INGRESS_PORT_RANGES = (("RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT", "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT"),
+                              ("RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT", "RAY_SERVE_DIRECT_INGRESS_MAX_GRPC_PORT"))
+DIRECT_INGRESS_PORTS = 8
+PORTS_FROM = 20000  # where a local fleet looks for free ports
+_random = random.SystemRandom()
 
 
-def _free_port() -> int:
+def _hold(port: int) -> socket.socket | None:
+    """A listening socket on `port` of every interface (0: any free port), or None where that port is taken."""
     # imported here, not at the top: a replica imports this module too, and needs no server
     from phi4.server.serve import bind_listening_socket
 
-    with bind_listening_socket("", 0) as sock:  # every interface: HAProxy binds them there
-        return int(sock.getsockname()[1])
+    try:
+        sock = bind_listening_socket("", port)  # every interface: HAProxy and the ingress bind there
+    except CannotListenError:
+        return None
+    sock.listen()
+    return sock
 
 
-def use_local_ray_serve_settings() -> None:
-    """Put LOCAL_RAY_SERVE_ENV, and free ports for HAProxy's exporter and stats page, into this process's
-    environment (values already there win). Call it before `ray.serve` is imported: Serve reads these when it is
-    imported, and the driver's reading decides how the ingress's deployment handle, made here, talks to the
-    replicas (gRPC, or Ray's object store)."""
+def _ephemeral_ports_start() -> int:
+    """Where the ports the system hands out (to a bind on port 0, to outgoing connections) begin."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+def _take_free_ports(held: list[socket.socket], count: int, avoid: frozenset[int]) -> int:
+    """The first of `count` consecutive ports that are free now, held open (in `held`) until every choice is made,
+    so that no two choices overlap. Chosen at random below the system's ephemeral ports, as Ray's defaults are: a
+    port there is never handed to a later bind on port 0 (Ray's workers open their gRPC servers so, with
+    SO_REUSEPORT too), and two fleets started together seldom pick the same."""
+    region = range(PORTS_FROM, _ephemeral_ports_start() - count)
+    for _ in range(100):
+        start = _random.choice(region) if region else None
+        run = [_hold(port) for port in range(start, start + count)] if start is not None else [_hold(0)]
+        held.extend(sock for sock in run if sock is not None)
+        if start is None and run[0] is not None:
+            start = int(run[0].getsockname()[1])
+        if start is not None and all(run) and not avoid & set(range(start, start + count)):
+            return start
+    raise RuntimeError(f"found no {count} consecutive free ports for Ray Serve")
+
+
+def use_local_ray_serve_settings(avoid: frozenset[int] = frozenset()) -> None:
+    """Put LOCAL_RAY_SERVE_ENV into this process's environment, with free ports (none of `avoid`: the port the fleet
+    will serve on) for SIDE_PORTS and ranges of them for the ingress's own servers (values already there win). Call it before `ray.serve` is imported: Serve reads these when it is imported, and the
+    driver's reading decides how the ingress's deployment handle, made here, talks to the replicas (gRPC, or Ray's
+    object store)."""
     for name, value in LOCAL_RAY_SERVE_ENV.items():
         os.environ.setdefault(name, value)
-    for name in HAPROXY_SIDE_PORTS:
-        if name not in os.environ:
-            os.environ[name] = str(_free_port())
+    held: list[socket.socket] = []
+    try:
+        for name in SIDE_PORTS:
+            if name not in os.environ:
+                os.environ[name] = str(_take_free_ports(held, 1, avoid))
+        for low, high in DIRECT_INGRESS_PORT_RANGES:
+            if low not in os.environ and high not in os.environ:
+                start = _take_free_ports(held, DIRECT_INGRESS_PORTS, avoid)
+                os.environ[low], os.environ[high] = str(start), str(start + DIRECT_INGRESS_PORTS)  # high: excluded
+    finally:
+        for sock in held:
+            sock.close()
 
 
 MAX_STREAM_INTERVAL_MS = 10_000.0

@@ -53,7 +53,7 @@ _random = random.SystemRandom()
 
 
 def _hold(port: int) -> socket.socket | None:
-    """A listening socket on `port` of every interface (0: any free port), or None where that port is taken."""
+    """A listening socket on `port` of every interface, or None where that port is taken."""
     # imported here, not at the top: a replica imports this module too, and needs no server
     from phi4.server.serve import bind_listening_socket
 
@@ -74,27 +74,25 @@ def _ephemeral_ports_start() -> int:
 
 
 def _take_free_ports(held: list[socket.socket], count: int, avoid: frozenset[int]) -> int:
-    """The first of `count` consecutive ports that are free now, held open (in `held`) until every choice is made,
-    so that no two choices overlap. Chosen at random below the system's ephemeral ports, as Ray's defaults are: a
-    port there is never handed to a later bind on port 0 (Ray's workers open their gRPC servers so, with
-    SO_REUSEPORT too), and two fleets started together seldom pick the same."""
-    region = range(PORTS_FROM, _ephemeral_ports_start() - count)
+    """The first of `count` consecutive ports that are free now. Each port tried stays held open (in `held`) until
+    every choice is made, so that no two choices overlap. Chosen at random below the system's ephemeral ports, as
+    Ray's defaults are: a port there is never handed to a later bind on port 0 (Ray's workers open their gRPC
+    servers so, with SO_REUSEPORT too), and two fleets started together seldom pick the same."""
+    region = range(PORTS_FROM, _ephemeral_ports_start() - count) or range(1024, 65536 - count)
     for _ in range(100):
-        start = _random.choice(region) if region else None
-        run = [_hold(port) for port in range(start, start + count)] if start is not None else [_hold(0)]
+        start = _random.choice(region)
+        run = [_hold(port) for port in range(start, start + count)]
         held.extend(sock for sock in run if sock is not None)
-        if start is None and run[0] is not None:
-            start = int(run[0].getsockname()[1])
-        if start is not None and all(run) and not avoid & set(range(start, start + count)):
+        if all(run) and not avoid & set(range(start, start + count)):
             return start
     raise RuntimeError(f"found no {count} consecutive free ports for Ray Serve")
 
 
 def use_local_ray_serve_settings(avoid: frozenset[int] = frozenset()) -> None:
     """Put LOCAL_RAY_SERVE_ENV into this process's environment, with free ports (none of `avoid`: the port the fleet
-    will serve on) for SIDE_PORTS and ranges of them for the ingress's own servers (values already there win). Call it before `ray.serve` is imported: Serve reads these when it is imported, and the
-    driver's reading decides how the ingress's deployment handle, made here, talks to the replicas (gRPC, or Ray's
-    object store)."""
+    will serve on) for SIDE_PORTS and runs of them for the ingress's own servers (values already there win). Call
+    it before `ray.serve` is imported: Serve reads these when it is imported, and the driver's reading decides how
+    the ingress's deployment handle, made here, talks to the replicas (gRPC, or Ray's object store)."""
     for name, value in LOCAL_RAY_SERVE_ENV.items():
         os.environ.setdefault(name, value)
     held: list[socket.socket] = []

@@ -134,7 +134,7 @@ class EngineClient(Protocol):
 # Handing work to a worker thread and back costs about 115 us of CPU (Intel Xeon, Sapphire Rapids class); preparing
 # token ids (validation only) costs about 1 us, a one-line chat 46 us, 2,000 characters of text 660 us. A prompt up to
 # this many characters, with no grammar to compile, is prepared on the event loop: it stalls the loop no longer than
-# the hand-off would cost, and a fleet's ingress, which prepares every request, saves a tenth of its CPU.
+# the hand-off would cost (a fleet's ingress prepares every request the fleet serves).
 INLINE_PROMPT_CHARS = 512
 _MESSAGE_CHARS = 64  # what one message adds to the template's work, besides its content
 

@@ -144,6 +144,28 @@ def fleet(tmp_path_factory: pytest.TempPathFactory, demo_dir: Path) -> Iterator[
             instance.stop()
 
 
+def running_haproxy_config(port: int) -> str:
+    """The configuration of the running HAProxy that serves `port`."""
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            args = cmdline.read_bytes().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        if args and args[0].endswith("haproxy") and "-f" in args:
+            config = Path(args[args.index("-f") + 1]).read_text()
+            if f"bind 127.0.0.1:{port}\n" in config:
+                return config
+    raise AssertionError(f"no HAProxy serves port {port}")
+
+
+def test_a_local_fleets_haproxy_is_sized_to_the_machine_and_logs_no_request_metrics(fleet: Fleet) -> None:
+    from phi4.cluster.options import haproxy_threads
+
+    config = running_haproxy_config(fleet.port)
+    assert f"nbthread {haproxy_threads()}\n" in config  # 1 on a 2-core machine; Ray's default is 4
+    assert "metrics.sock" not in config and "log-format-sd" not in config  # no log line per request to parse
+
+
 def test_a_fleet_shares_no_port_with_another_on_the_machine(fleet: Fleet) -> None:
     """Ray Serve's ingress and proxy listen with SO_REUSEPORT on ports that start from fixed defaults: a second
     fleet's would bind the first fleet's ports too, and the kernel would split the connections between the two

@@ -80,39 +80,26 @@ class Fleet:
 
 
 @contextlib.contextmanager
-def ports_held(*ports: int) -> Iterator[None]:
-    """Listening sockets on `ports` of every interface, where they are free: what another fleet's HAProxy (or
-    any other program) holds."""
-    with contextlib.ExitStack() as stack:
-        for port in ports:
-            sock = stack.enter_context(socket.socket())
-            try:
-                sock.bind(("", port))
-                sock.listen()
-            except OSError:
-                pass  # taken already: the situation this stands for
-        yield
-
-
-RAY_SHARED_PORTS = (30000, 8500)  # Ray Serve's first ingress port and its fallback proxy's, opened with SO_REUSEPORT
-
-
-@contextlib.contextmanager
-def ports_shared(*ports: int) -> Iterator[list[int]]:
-    """Listening sockets on loopback `ports` opened with SO_REUSEPORT, as another fleet's ingress and proxy open
-    theirs: a process that binds one of them so too shares it without an error. Yields the ports held."""
+def ports_held(*ports: int, shared: bool = False) -> Iterator[list[int]]:
+    """Listening sockets on `ports`, where they are free, as another fleet holds them: its HAProxy's on every
+    interface, or (`shared`) its ingress's and proxy's, on loopback with SO_REUSEPORT, which a process that binds
+    one of them so too shares without an error. Yields the ports held."""
     with contextlib.ExitStack() as stack:
         held = []
         for port in ports:
             sock = stack.enter_context(socket.socket())
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            if shared:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             try:
-                sock.bind(("127.0.0.1", port))
+                sock.bind(("127.0.0.1" if shared else "", port))
                 sock.listen()
                 held.append(port)
             except OSError:
-                pass  # taken without SO_REUSEPORT: nothing can share it
+                pass  # taken already (without SO_REUSEPORT, where shared: nothing can share it)
         yield held
+
+
+RAY_SHARED_PORTS = (30000, 8500)  # Ray Serve's first ingress port and its fallback proxy's, opened with SO_REUSEPORT
 
 
 def listeners(port: int) -> int:
@@ -129,7 +116,7 @@ def listeners(port: int) -> int:
 def fleet(tmp_path_factory: pytest.TempPathFactory, demo_dir: Path) -> Iterator[Fleet]:
     # Another fleet runs on this machine: its HAProxy holds the default exporter and stats ports (while this one
     # starts), its ingress and proxy the default ports they share (for as long as this one runs)
-    with ports_shared(*RAY_SHARED_PORTS) as shared:
+    with ports_held(*RAY_SHARED_PORTS, shared=True) as shared:
         with ports_held(9101, 8404):
             instance = Fleet(tmp_path_factory.mktemp("fleet"))
             instance.shared_ports = shared

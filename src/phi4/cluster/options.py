@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from phi4.cluster.cpu_binding import node_cpus
 from phi4.config import EngineConfig
 from phi4.errors import CannotListenError
 
@@ -41,7 +42,8 @@ LOCAL_RAY_SERVE_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_
 def haproxy_threads() -> int:
     """One HAProxy thread per 4 CPUs this process may run on, from 1 up to Ray's default of 4: a thread proxies far
     more requests a second than an LLM replica serves, and on a small machine each one takes CPU from the engines."""
-    return max(1, min(4, len(os.sched_getaffinity(0)) // 4))
+    cpus = len(node_cpus()) or os.cpu_count() or 4  # node_cpus knows no CPUs off Linux
+    return max(1, min(4, cpus // 4))
 
 
 # Ray Serve listens on fixed ports besides the one it serves: HAProxy's Prometheus exporter and stats page (9101,

@@ -1,7 +1,7 @@
 """phi4 on Ray Serve (`phi4 serve --replicas 2`) on this CPU machine with a local Ray instance and the demo
 checkpoint: concurrent streams through the openai client spread over both replicas, a shared prefix stays
 on the replica that caches it, the same seed gives the same text whichever replica answers, each replica runs on
-a core of its own, a replica killed mid-stream fails only its own requests and is replaced (on the core the
+a core of its own and only its engine thread preempts other threads when it wakes, a replica killed mid-stream fails only its own requests and is replaced (on the core the
 dead one left); the router's choices in isolation; and the KubeRay manifest names the builder the CLI runs."""
 
 from __future__ import annotations
@@ -302,6 +302,64 @@ def test_each_cpu_replica_runs_on_cores_of_its_own(fleet: Fleet) -> None:
     assert_replicas_on_cores_of_their_own(fleet)
 
 
+SCHED_OTHER, SCHED_BATCH = 0, 3  # Linux's numbers, as /proc shows them
+
+
+def session_threads(session: int) -> dict[int, list[tuple[str, int]]]:
+    """pid -> (name, scheduling policy) of each of its threads, for every process of a session."""
+    found: dict[int, list[tuple[str, int]]] = {}
+    for process in Path("/proc").glob("[0-9]*"):
+        try:
+            stat = (process / "stat").read_text()
+            if int(stat[stat.rindex(")") + 2 :].split()[3]) != session:
+                continue
+            threads = []
+            for thread in (process / "task").iterdir():
+                fields = (thread / "stat").read_text()
+                threads.append(((thread / "comm").read_text().strip(), int(fields[fields.rindex(")") + 2 :].split()[38])))
+        except (OSError, ValueError):
+            continue  # it ended meanwhile
+        found[int(process.name)] = threads
+    return found
+
+
+def assert_only_engines_preempt(fleet: Fleet) -> None:
+    """Every thread of the fleet (phi4, Ray's processes, HAProxy, the ingress, the replicas' I/O threads) is
+    SCHED_BATCH, which does not preempt when it wakes, but each replica's engine thread."""
+    replicas = {r["pid"] for r in fleet.health()["replicas"] if r["healthy"] and Path(f"/proc/{r['pid']}").exists()}
+    threads = session_threads(fleet.process.pid)  # the fleet runs in a session of its own
+    assert replicas and replicas <= threads.keys() and len(threads) > len(replicas) + 2, threads
+    for pid, listed in threads.items():
+        preempting = [(name, policy) for name, policy in listed if policy != SCHED_BATCH]
+        assert preempting == ([("phi4-engine", SCHED_OTHER)] if pid in replicas else []), (pid, listed)
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="scheduling policies are Linux's")
+def test_in_a_cpu_fleet_only_the_engines_preempt_when_they_wake(fleet: Fleet) -> None:
+    assert_only_engines_preempt(fleet)
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="scheduling policies are Linux's")
+def test_yielding_to_the_engine_covers_every_thread_and_those_started_after() -> None:
+    # in a process of its own: the policy stays with the threads that take it
+    script = """
+import json, os, threading
+from phi4.cluster.cpu_priority import yield_to_engines
+stop = threading.Event()
+engine = threading.Thread(target=stop.wait); engine.start()
+helper = threading.Thread(target=stop.wait); helper.start()
+assert yield_to_engines(engine.native_id)
+later = threading.Thread(target=stop.wait); later.start()
+print(json.dumps({name: os.sched_getscheduler(thread.native_id) for name, thread in
+      [("main", threading.main_thread()), ("engine", engine), ("helper", helper), ("later", later)]}))
+stop.set()
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == {"main": SCHED_BATCH, "engine": SCHED_OTHER, "helper": SCHED_BATCH,
+                                         "later": SCHED_BATCH}
+
+
 def test_a_replica_whose_binding_fails_runs_unbound_instead_of_failing(monkeypatch, caplog) -> None:  # noqa: ANN001
     from ray.serve.schema import ReplicaRank
 
@@ -366,6 +424,8 @@ def test_a_replica_killed_mid_stream_fails_only_its_requests_and_is_replaced(fle
     fleet.wait_healthy(2)
     if hasattr(os, "sched_getaffinity"):
         assert_replicas_on_cores_of_their_own(fleet)  # the replacement took the cores the dead replica left
+    if hasattr(os, "SCHED_BATCH"):
+        assert_only_engines_preempt(fleet)  # and yields to the engines as the dead one did
     body = {"model": "microsoft/phi-4", "prompt": "Still there?", "max_tokens": 4}
     assert httpx.post(f"{fleet.url}/v1/completions", json=body, headers=fleet.headers, timeout=60).status_code == 200
 

@@ -24,9 +24,10 @@ from ray.serve.config import RequestRouterConfig
 from ray.serve.handle import DeploymentHandle
 
 from phi4.cluster.client import RayEngineClient
+from phi4.cluster.cpu_priority import yield_to_engines
 from phi4.cluster.fleet import fleet_view
 from phi4.cluster.options import ClusterOptions, use_local_ray_serve_settings
-from phi4.cluster.replica import EngineReplica
+from phi4.cluster.replica import EngineReplica, runs_on_cpu
 from phi4.server.serve import bind_listening_socket
 
 logger = logging.getLogger("phi4.cluster")
@@ -40,6 +41,8 @@ class Phi4Ingress:
         from phi4.server.state import ServerState
 
         self.options = ClusterOptions.from_args(args)
+        if _gpus(self.options) == 0:  # CPU replicas: the ingress lets their engines finish their steps
+            yield_to_engines()
         self.replicas = replicas
         self.fleet = fleet_view(serve.get_replica_context().app_name)  # the router of `replicas` fills it
         options = self.options
@@ -113,6 +116,8 @@ def serve_cluster(options: ClusterOptions, host: str, port: int, ray_address: st
     if local:
         bind_listening_socket(host, port).close()  # taken: say so now, not after Ray started and HAProxy failed
         use_local_ray_serve_settings(frozenset({port}))  # Ray's processes, started below, inherit them
+        if runs_on_cpu(options):
+            yield_to_engines()  # and this policy too (phi4/cluster/cpu_priority.py)
         if serve_constants.RAY_SERVE_THROUGHPUT_OPTIMIZED != (os.environ["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "1"):
             logger.warning("Ray Serve was imported before its settings were chosen; this process reads them "
                            "otherwise than Ray's (call use_local_ray_serve_settings() before importing ray.serve)")

@@ -26,6 +26,7 @@ from phi4.cluster.cpu_binding import (
     node_cpus,
     ray_owns_them,
 )
+from phi4.cluster.cpu_priority import yield_to_engines
 from phi4.cluster.fleet import report_of
 from phi4.cluster.options import ClusterOptions
 from phi4.cluster.wire import WireRequest
@@ -40,6 +41,13 @@ def _ray_cpus_of(node: str) -> float:
     return next((float(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n["NodeID"] == node), 0.0)
 
 
+def runs_on_cpu(options: ClusterOptions) -> bool:
+    """Whether a replica on this machine runs its engine on CPU: no GPU asked for, and none here."""
+    import torch
+
+    return options.gpus_per_replica in (None, 0) and not torch.cuda.is_available()
+
+
 def _without_prompt(output: RequestOutput) -> RequestOutput:
     return dataclasses.replace(output, prompt_token_ids=[])
 
@@ -52,7 +60,7 @@ class EngineReplica:
         from phi4.model.loader import resolve_checkpoint
 
         options = ClusterOptions.from_args(args)
-        on_cpu = options.gpus_per_replica in (None, 0) and not torch.cuda.is_available()
+        on_cpu = runs_on_cpu(options)
         if on_cpu:
             torch.set_num_threads(max(1, int(options.cpus_per_replica)))  # this replica's share of the node
         self.node = ray.get_runtime_context().get_node_id()
@@ -62,6 +70,8 @@ class EngineReplica:
         self.cpus: list[int] = []  # the CPUs this replica is bound to; empty: wherever the OS runs it
         engine = LLMEngine(resolve_checkpoint(options.model), options.engine, options.device, options.dtype)
         self.engine = InProcessEngine(engine)
+        if on_cpu:  # the engine thread first on its cores (phi4/cluster/cpu_priority.py)
+            yield_to_engines(self.engine.engine_thread_id)
         self.stream_interval = options.stream_interval_ms / 1000
         context = serve.get_replica_context()
         self.replica_id = context.replica_id.unique_id

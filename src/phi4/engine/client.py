@@ -14,6 +14,7 @@ each request's asyncio queue with `call_soon_threadsafe`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import itertools
 import logging
@@ -22,6 +23,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol, TypeVar, Union
 
 from phi4.engine.engine import EngineStats, LLMEngine
@@ -242,6 +244,11 @@ class InProcessEngine(PreparingClient):
         self._thread = threading.Thread(target=self._run, name="phi4-engine", daemon=True)
         self._thread.start()
 
+    @property
+    def engine_thread_id(self) -> int | None:
+        """The native id of the thread that runs the engine's steps."""
+        return self._thread.native_id
+
     def new_request_id(self, prefix: str) -> str:
         return f"{prefix}-{next(self._ids)}"
 
@@ -272,6 +279,8 @@ class InProcessEngine(PreparingClient):
     # the engine thread
 
     def _run(self) -> None:
+        with contextlib.suppress(OSError):  # its name in top -H and /proc (Linux); Python names only its own object
+            Path(f"/proc/self/task/{threading.get_native_id()}/comm").write_text("phi4-engine")
         engine = self.engine
         while not self._stopping:
             self._apply_pending()

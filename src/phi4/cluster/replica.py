@@ -12,7 +12,6 @@ import contextlib
 import dataclasses
 import logging
 import os
-import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -31,7 +30,6 @@ from phi4.cluster.fleet import report_of
 from phi4.cluster.options import ClusterOptions
 from phi4.cluster.wire import WireRequest
 from phi4.engine.client import InProcessEngine, RequestOutput
-from phi4.engine.request import merge_outputs
 
 logger = logging.getLogger("phi4.cluster")
 
@@ -108,7 +106,8 @@ class EngineReplica:
         """The request's outputs, the first at once (time to first token is not delayed), then whatever came in
         each `stream_interval` merged into one (every streamed item costs a Ray message, and the ingress one
         SSE event and one socket write, so one per token would spend the CPU the engine needs), and the last
-        at once. The prompt stays behind: the ingress has it, and a long one would travel with every item."""
+        at once; the engine thread merges them (InProcessEngine.generate), so this loop wakes only to send. The
+        prompt stays behind: the ingress has it, and a long one would travel with every item."""
         self.requests += 1
         self.holding.add(request_id)
         stream = None
@@ -116,16 +115,10 @@ class EngineReplica:
             grammars = self.engine.engine.grammars
             prepared = await asyncio.to_thread(request.prepared, grammars) if request.params.grammar is not None \
                 else request.prepared(grammars)  # compiling may take a while: not on the replica's event loop
-            stream = self.engine.generate(request_id, prepared)
-            batch: list[RequestOutput] = []
-            sent_first = False
-            last_sent = time.monotonic()
-            async for output in stream:  # it ends with a finished output (or raises), sent at once
+            stream = self.engine.generate(request_id, prepared, self.stream_interval)
+            async for output in stream:  # it ends with a finished output (or raises)
                 self.tokens += len(output.new_token_ids)
-                batch.append(output)
-                if not sent_first or output.finished or time.monotonic() - last_sent >= self.stream_interval:
-                    yield _without_prompt(merge_outputs(batch))
-                    batch, sent_first, last_sent = [], True, time.monotonic()
+                yield _without_prompt(output)
         finally:
             self.holding.discard(request_id)
             if stream is not None:

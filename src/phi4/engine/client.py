@@ -19,15 +19,16 @@ import dataclasses
 import itertools
 import logging
 import threading
+import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, TypeVar, Union
 
 from phi4.engine.engine import EngineStats, LLMEngine
-from phi4.engine.request import RequestOutput
+from phi4.engine.request import RequestOutput, merge_outputs
 from phi4.engine.sampling import TokenLogprob
 from phi4.errors import RequestFailedError
 from phi4.sampling_params import SamplingParams
@@ -178,12 +179,30 @@ class PreparingClient:
         return await self._off_loop(self._preparer.tokenize, prompt)
 
 
-@dataclass
+@dataclass(eq=False)  # hashed by identity: the engine thread keeps a set of those holding outputs
 class _Submission:
     request_id: str
     request: PreparedRequest
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue[RequestOutput | BaseException]
+    interval: float = 0.0  # seconds: at most one (merged) output per interval, the first and the last at once
+    held: list[RequestOutput] = field(default_factory=list)  # outputs not delivered yet (engine thread only)
+    last_delivered: float | None = None
+
+    def take(self, output: RequestOutput, now: float) -> RequestOutput | None:
+        """What to deliver now that `output` came: nothing yet, or everything held since the last delivery."""
+        self.held.append(output)
+        due = self.last_delivered is None or now - self.last_delivered >= self.interval
+        return self.release(now) if due or output.finished else None
+
+    def overdue(self, now: float) -> bool:
+        """Whether outputs it holds have waited their interval (its request made none since)."""
+        return bool(self.held) and now - (self.last_delivered or 0.0) >= self.interval
+
+    def release(self, now: float) -> RequestOutput:
+        merged = merge_outputs(self.held)
+        self.held, self.last_delivered = [], now
+        return merged
 
 
 @dataclass(frozen=True)
@@ -237,6 +256,7 @@ class InProcessEngine(PreparingClient):
         self.vocab_size = engine.model_config.vocab_size
         self._pending: deque[_Submission | str | _CancelAll] = deque()  # new requests, ids to abort, cancel
         self._streams: dict[str, _Submission] = {}
+        self._holding: set[_Submission] = set()  # streams with outputs held for their interval
         self._stats = engine.stats()
         self._wakeup = threading.Event()
         self._stopping = False
@@ -252,8 +272,11 @@ class InProcessEngine(PreparingClient):
     def new_request_id(self, prefix: str) -> str:
         return f"{prefix}-{next(self._ids)}"
 
-    def generate(self, request_id: str, request: PreparedRequest) -> _Stream:
-        submission = _Submission(request_id, request, asyncio.get_running_loop(), asyncio.Queue())
+    def generate(self, request_id: str, request: PreparedRequest, interval: float = 0.0) -> _Stream:
+        """The request's outputs as the engine makes them; with an `interval` (seconds), whatever came in each
+        interval merged into one, the first and the last at once. The engine thread merges them, so the event
+        loop wakes once per delivery, not once per step."""
+        submission = _Submission(request_id, request, asyncio.get_running_loop(), asyncio.Queue(), interval)
         self._enqueue(submission)
         return _Stream(self, submission)
 
@@ -296,15 +319,27 @@ class InProcessEngine(PreparingClient):
                 self._cancel_all(RequestFailedError(f"the engine failed: {exc!r}"))
                 continue
             # One wake-up per event loop per step, not one per output: the loop has less to do and the
-            # engine thread fewer system calls (it matters when both share two cores).
+            # engine thread fewer system calls (it matters when both share two cores); none in a step where
+            # every stream with an interval holds its output.
             batches: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, RequestOutput]]] = {}
+            now = time.monotonic()
             for output in outputs:
                 submission = self._streams.get(output.request_id)
                 if submission is None:
                     continue
                 if output.finished:
                     del self._streams[output.request_id]
-                batches.setdefault(submission.loop, []).append((submission.queue, output))
+                due = submission.take(output, now)
+                if submission.held:
+                    self._holding.add(submission)
+                else:
+                    self._holding.discard(submission)
+                if due is not None:
+                    batches.setdefault(submission.loop, []).append((submission.queue, due))
+            for submission in [s for s in self._holding if s.overdue(now)]:
+                # a request that made no output this step (waiting, preempted) still gets what it has, in time
+                self._holding.discard(submission)
+                batches.setdefault(submission.loop, []).append((submission.queue, submission.release(now)))
             for loop, batch in batches.items():
                 loop.call_soon_threadsafe(_deliver, batch)
 
@@ -312,7 +347,9 @@ class InProcessEngine(PreparingClient):
         while self._pending:
             item = self._pending.popleft()
             if isinstance(item, str):
-                if self._streams.pop(item, None) is not None:
+                submission = self._streams.pop(item, None)
+                if submission is not None:
+                    self._holding.discard(submission)  # its client has gone: what it held goes nowhere
                     self.engine.abort_request(item)
             elif isinstance(item, _CancelAll):
                 self._cancel_all(item.error)
@@ -327,7 +364,11 @@ class InProcessEngine(PreparingClient):
                 self._streams[item.request_id] = item
 
     def _cancel_all(self, error: BaseException) -> None:
+        now = time.monotonic()
         for request_id, submission in list(self._streams.items()):
             self.engine.abort_request(request_id)
+            if submission.held:  # what it made before the error, then the error
+                submission.loop.call_soon_threadsafe(submission.queue.put_nowait, submission.release(now))
             submission.loop.call_soon_threadsafe(submission.queue.put_nowait, error)
         self._streams.clear()
+        self._holding.clear()

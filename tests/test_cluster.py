@@ -1,8 +1,9 @@
 """phi4 on Ray Serve (`phi4 serve --replicas 2`) on this CPU machine with a local Ray instance and the demo
 checkpoint: concurrent streams through the openai client spread over both replicas, a shared prefix stays
 on the replica that caches it, the same seed gives the same text whichever replica answers, each replica runs on
-a core of its own and only its engine thread preempts other threads when it wakes, a replica killed mid-stream fails only its own requests and is replaced (on the core the
-dead one left); the router's choices in isolation; and the KubeRay manifest names the builder the CLI runs."""
+a core of its own and only its engine thread preempts other threads when it wakes, a replica killed mid-stream
+fails only its own requests and is replaced (on the core the dead one left); the router's choices in isolation;
+and the KubeRay manifest names the builder the CLI runs."""
 
 from __future__ import annotations
 
@@ -316,7 +317,8 @@ def session_threads(session: int) -> dict[int, list[tuple[str, int]]]:
             threads = []
             for thread in (process / "task").iterdir():
                 fields = (thread / "stat").read_text()
-                threads.append(((thread / "comm").read_text().strip(), int(fields[fields.rindex(")") + 2 :].split()[38])))
+                policy = int(fields[fields.rindex(")") + 2 :].split()[38])
+                threads.append(((thread / "comm").read_text().strip(), policy))
         except (OSError, ValueError):
             continue  # it ended meanwhile
         found[int(process.name)] = threads

@@ -44,12 +44,14 @@ def test_a_stream_with_an_interval_sends_the_first_output_at_once_and_merges_the
 
 
 def output(token: int, finished: bool = False) -> RequestOutput:
-    return RequestOutput(request_id="r", new_token_ids=[token], new_text=f"<{token}>", new_logprobs=[], finished=finished,
-                         finish_reason="length" if finished else None, prompt_token_ids=[1], num_output_tokens=token)
+    return RequestOutput(request_id="r", new_token_ids=[token], new_text=f"<{token}>", new_logprobs=[],
+                         finished=finished, finish_reason="length" if finished else None, prompt_token_ids=[1],
+                         num_output_tokens=token)
 
 
 def test_held_outputs_are_delivered_once_their_interval_has_passed() -> None:
-    submission = _Submission("r", PreparedRequest([1], SamplingParams()), None, None, interval=0.05)  # type: ignore[arg-type]
+    request = PreparedRequest([1], SamplingParams())
+    submission = _Submission("r", request, None, None, interval=0.05)  # type: ignore[arg-type] - no loop needed
     assert submission.take(output(1), now=10.0).new_token_ids == [1]  # the first at once
     assert submission.take(output(2), now=10.01) is None and submission.take(output(3), now=10.02) is None
     assert not submission.overdue(10.04)

@@ -3,7 +3,7 @@
 gRPC). Linux's scheduler lets a thread that wakes up preempt the one running, so every message the ingress
 handles and every output a replica streams broke into an engine's decoding step. With two one-core replicas
 on a 2-core machine the engine threads spent 19 % more CPU per token than the one engine of a 1-replica fleet,
-which has a core to itself (py-spy and /proc, see README "Many replicas").
+which has a core to itself (per-thread CPU time from /proc; README "Many replicas").
 
 So in a fleet whose replicas run on CPU every thread is SCHED_BATCH except each replica's engine thread.
 A SCHED_BATCH thread that wakes up does not preempt: it runs when the engine's time slice ends or the engine
@@ -40,4 +40,3 @@ def yield_to_engines(engine_thread: int | None = None) -> bool:
     except OSError:  # e.g. a seccomp profile that forbids it
         return False
     return True
-

@@ -18,6 +18,7 @@ import subprocess
 import sys
 import time
 import types
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -215,8 +216,14 @@ def test_concurrent_streams_spread_over_both_replicas(fleet: Fleet, client) -> N
 
 def test_the_same_seed_gives_the_same_text_from_either_replica(fleet: Fleet) -> None:
     body = {"model": "microsoft/phi-4", "prompt": "Hello", "max_tokens": 12, "temperature": 1.0, "seed": 1234}
-    texts = []
-    for _ in range(12):  # a one-token prompt has no prefix block: replicas are chosen by load alone
+    texts: list[tuple[str, str]] = []
+    # A one-token prompt has no prefix block: replicas are chosen by load alone. Each answer waits for the replicas'
+    # next report (once a second) to learn who gave it, so stop once both gave two.
+    def each_answered_twice() -> bool:
+        per_replica = Counter(replica for replica, _ in texts)
+        return len(per_replica) == 2 and min(per_replica.values()) >= 2
+
+    while len(texts) < 12 and not each_answered_twice():
         before = counts(fleet)
         response = httpx.post(f"{fleet.url}/v1/completions", json=body, headers=fleet.headers, timeout=60)
         after = wait_reported(fleet, sum(before.values()) + 1)

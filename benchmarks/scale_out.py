@@ -8,15 +8,13 @@ overhead (1 replica through Ray over the same single engine in one process; targ
 own ratio (2 independent processes over 1) and how much of it Ray Serve keeps. Prefix caching is off and
 the prompts are random, so routing cannot win by cache hits.
 
-The ceiling: 2 independent processes over Ray's 1 replica, what 2 over 1 would read if the 2-replica fleet lost
-nothing to Ray at all (2 over 1 = ceiling x what Ray keeps of 2 processes). The 1-replica fleet's engine has a core
-to itself while the ingress does the HTTP work on the other, and the same clients over two engines make batches
-half as big, so on a 2-core machine the ceiling is well under 2; where it is near 1.6 (the demo, whose engine is
-fast next to the HTTP work around it), no fleet could reach the target.
-
 Two engines of one thread each fill a 2-core machine, so Ray's own processes (the controller, GCS, the
 ingress and proxy, their idle polling) take their CPU from the engines; and the same clients split over two
 engines make batches half as big, which costs throughput wherever a step is bound by reading the weights.
+The 1-replica fleet has neither cost: its engine keeps a core to itself while the ingress does the HTTP work on
+the other. The summary's ceiling (2 independent processes over Ray's 1 replica) is what 2 over 1 would read if
+the 2-replica fleet lost nothing to Ray (2 over 1 = ceiling x what Ray keeps of 2 processes); where the ceiling
+itself is under 1.6 (the demo, whose engine is fast next to the HTTP work around it), no fleet reaches the target.
 
 `--shape medium|large` serves a larger random checkpoint (the demo's tokenizer; medium: hidden 768, 6
 layers, ~4 ms of one core per token; large: hidden 1536, 12 layers, ~25 ms), closer to a real model, where
